@@ -1,0 +1,280 @@
+"""The maskless shard format (docs/FORMAT.md), written and read here and nowhere else.
+
+A dataset is a folder (or URI) of shards. Shard NAME is three files:
+  NAME.tar         WebDataset tar: per sample `__key__`, `jpg`, `json`, and later `gt.json`/`pseudo.json`
+  NAME.parquet     manifest, one row per sample
+  NAME.stats.json  counts and reject reasons of the work that produced the shard
+The tar is renamed into place last, so a shard whose `.tar` exists is complete: a killed writer leaves
+only hidden temporary files, which readers never list. `dataset.json` lists the shards and the classes
+once a stage has finished.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+import importlib
+wds_gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function under this name
+from PIL import Image
+
+from ingest import storage
+
+SCHEMA_VERSION = 1
+DATASET_FILE = "dataset.json"
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("labels", pa.list_(pa.string())),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("sha256", pa.string()),
+    ("phash", pa.string()),
+    ("url", pa.string()),
+    ("engine", pa.string()),
+    ("query", pa.string()),
+    ("gt_instances", pa.int32()),
+    ("pseudo_instances", pa.int32()),
+])
+
+
+@dataclass
+class Sample:
+    """One image and everything known about it."""
+
+    key: str
+    jpg: bytes
+    meta: dict
+    gt: dict | None = None
+    pseudo: dict | None = None
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta.get("labels", []))
+
+    def image(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.jpg)).convert("RGB")
+
+
+def _manifest_row(s: Sample) -> dict:
+    m = s.meta
+    return {
+        "key": s.key,
+        "labels": s.labels,
+        "width": int(m.get("width", 0)),
+        "height": int(m.get("height", 0)),
+        "sha256": m.get("sha256"),
+        "phash": m.get("phash"),
+        "url": m.get("url"),
+        "engine": m.get("engine"),
+        "query": m.get("query"),
+        "gt_instances": len(s.gt["instances"]) if s.gt else None,
+        "pseudo_instances": len(s.pseudo["instances"]) if s.pseudo else None,
+    }
+
+
+class ShardWriter:
+    """Writes one shard atomically. Use as a context manager: commits on success, aborts on error."""
+
+    def __init__(self, root: str, name: str):
+        if not KEY_PATTERN.match(name):
+            raise ValueError(f"shard name {name!r} must use letters, digits, '_' or '-' only")
+        self.root, self.name = root, name
+        storage.makedirs(root)
+        fs, path = storage.resolve(root)
+        tmp_dir = path if storage.is_local(fs) else None
+        self._tmp = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix=f".{name}.", suffix=".tar.tmp", delete=False)
+        self._tar = wds.TarWriter(self._tmp)
+        self._rows: list[dict] = []
+        self._keys: set[str] = set()
+        self.closed = False
+
+    def write(self, sample: Sample) -> None:
+        if not KEY_PATTERN.match(sample.key):
+            raise ValueError(f"sample key {sample.key!r} must use letters, digits, '_' or '-' only")
+        if sample.key in self._keys:
+            raise ValueError(f"duplicate sample key {sample.key!r} in shard {self.name}")
+        self._keys.add(sample.key)
+        record = {"__key__": sample.key, "jpg": sample.jpg, "json": json.dumps(sample.meta).encode()}
+        if sample.gt is not None:
+            record["gt.json"] = json.dumps(sample.gt).encode()
+        if sample.pseudo is not None:
+            record["pseudo.json"] = json.dumps(sample.pseudo).encode()
+        record.update(sample.extra)
+        self._tar.write(record)
+        self._rows.append(_manifest_row(sample))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def commit(self, stats: dict | None = None) -> dict:
+        """Finish the shard: manifest and stats first, the tar last (the commit point)."""
+        self._tar.close()
+        self._tmp.close()
+        base = storage.join(self.root, self.name)
+        table = pa.Table.from_pylist(self._rows, schema=MANIFEST_SCHEMA)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes_atomic(base + ".parquet", buf.getvalue())
+        info = {"shard": self.name, "schema_version": SCHEMA_VERSION, "count": len(self._rows), **(stats or {})}
+        storage.write_json_atomic(base + ".stats.json", info)
+        fs, final = storage.resolve(base + ".tar")
+        if storage.is_local(fs):
+            os.chmod(self._tmp.name, 0o644)  # NamedTemporaryFile creates 0600
+            os.replace(self._tmp.name, final)
+        else:
+            with open(self._tmp.name, "rb") as src, fs.open_output_stream(final) as dst:
+                dst.write(src.read())
+            os.unlink(self._tmp.name)
+        self.closed = True
+        return info
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._tar.close()
+        finally:
+            self._tmp.close()
+            if os.path.exists(self._tmp.name):
+                os.unlink(self._tmp.name)
+        self.closed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self.closed:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_shards(samples: Iterable[Sample], root: str, prefix: str, max_count: int = 1000,
+                 stats: dict | None = None) -> list[dict]:
+    """Write samples into shards PREFIX-000000, PREFIX-000001, ... of at most max_count samples."""
+    if max_count < 1:
+        raise ValueError("max_count must be at least 1")
+    infos, writer, index = [], None, 0
+    try:
+        for s in samples:
+            if writer is None:
+                writer = ShardWriter(root, f"{prefix}-{index:06d}")
+                index += 1
+            writer.write(s)
+            if len(writer) >= max_count:
+                infos.append(writer.commit(stats))
+                writer = None
+        if writer is not None:
+            infos.append(writer.commit(stats))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return infos
+
+
+def shard_names(root: str) -> list[str]:
+    """Names of the complete shards of a dataset (those whose tar is in place)."""
+    return [n[:-4] for n in storage.listdir(root) if n.endswith(".tar") and not n.startswith(".")]
+
+
+def list_shards(root: str) -> list[str]:
+    """Paths/URIs of the complete shard tars of a dataset, sorted."""
+    return [storage.join(root, n + ".tar") for n in shard_names(root)]
+
+
+def delete_shard(root: str, name: str) -> None:
+    """Remove a shard, tar first so it stops reading as complete before its manifest goes."""
+    for ext in (".tar", ".parquet", ".stats.json"):
+        storage.delete(storage.join(root, name + ext))
+
+
+def _pyarrow_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    fs, path = storage.resolve(url)
+    return fs.open_input_stream(path)
+
+
+for _scheme in ("s3", "gs", "gcs", "hdfs"):
+    # webdataset opens remote URLs through shell pipes by default; route them through pyarrow's
+    # filesystems instead, so credentials and endpoints are the same everywhere in maskless.
+    wds_gopen.gopen_schemes[_scheme] = _pyarrow_gopen
+
+
+def _sample_from_record(rec: dict) -> Sample:
+    extra = {k: v for k, v in rec.items()
+             if k not in ("__key__", "__url__", "__local_path__", "jpg", "json", "gt.json", "pseudo.json")}
+    return Sample(
+        key=rec["__key__"],
+        jpg=rec["jpg"],
+        meta=json.loads(rec["json"]),
+        gt=json.loads(rec["gt.json"]) if "gt.json" in rec else None,
+        pseudo=json.loads(rec["pseudo.json"]) if "pseudo.json" in rec else None,
+        extra=extra,
+    )
+
+
+def read_shard(shard: str) -> Iterator[Sample]:
+    """Samples of one shard tar, in write order."""
+    url = shard[len("file://"):] if shard.startswith("file://") else shard
+    for rec in wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
+        yield _sample_from_record(rec)
+
+
+def read_dataset(root: str) -> Iterator[Sample]:
+    """All samples of all complete shards of a dataset."""
+    for shard in list_shards(root):
+        yield from read_shard(shard)
+
+
+def read_manifest(root: str) -> pa.Table:
+    """One table of every complete shard's manifest rows, with a `shard` column."""
+    tables = []
+    for name in shard_names(root):
+        t = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, name + ".parquet"))))
+        tables.append(t.append_column("shard", pa.array([name] * t.num_rows, pa.string())))
+    if not tables:
+        return MANIFEST_SCHEMA.empty_table().append_column("shard", pa.array([], pa.string()))
+    return pa.concat_tables(tables)
+
+
+def read_stats(root: str) -> list[dict]:
+    return [storage.read_json(storage.join(root, n + ".stats.json")) for n in shard_names(root)]
+
+
+def write_dataset_info(root: str, classes: list[str], stage: str, **extra) -> dict:
+    """Record a finished dataset: its classes, shards and counts (dataset.json)."""
+    stats = read_stats(root)
+    info = {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "classes": list(classes),
+        "shards": [{"name": s["shard"], "count": s["count"]} for s in stats],
+        "samples": sum(s["count"] for s in stats),
+        **extra,
+    }
+    storage.write_json_atomic(storage.join(root, DATASET_FILE), info)
+    return info
+
+
+def read_dataset_info(root: str) -> dict:
+    """dataset.json of a finished dataset; a clear error when the folder is not one."""
+    path = storage.join(root, DATASET_FILE)
+    if not storage.exists(path):
+        if not storage.exists(root):
+            raise FileNotFoundError(f"no dataset at {root}: the folder does not exist")
+        raise FileNotFoundError(f"{root} has no {DATASET_FILE}: not a finished maskless dataset "
+                                f"(rerun the stage that writes it)")
+    info = storage.read_json(path)
+    if info.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema version {info.get('schema_version')} is not {SCHEMA_VERSION}")
+    return info

@@ -1,0 +1,97 @@
+"""One dataclass per stage, filled alike from YAML and from CLI flags.
+
+Stage packages define their own config dataclasses (they never import this app); this module
+turns any of them into argparse flags and merges YAML values with the flags a user typed:
+defaults < YAML < CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+def _base_type(tp: Any) -> Any:
+    """The concrete type behind Optional[X] / X | None."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_list(text: str, item: type) -> list:
+    return [item(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of a config dataclass. Defaults are left unset (None) so that
+    `build` can tell a typed flag from a default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.metadata.get("cli") is False:
+            continue
+        tp = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        if tp is bool:
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif typing.get_origin(tp) in (list, tuple):
+            item = (typing.get_args(tp) or (str,))[0]
+            item = item if item in (int, float, str) else str
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar="A,B,...",
+                                type=lambda s, item=item: _parse_list(s, item), help=help_text)
+        elif tp in (int, float, str):
+            choices = f.metadata.get("choices")
+            parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=None, choices=choices,
+                                help=help_text)
+        # dict-typed fields are YAML-only (e.g. class -> queries)
+
+
+def build(cls: type, yaml_values: dict | None = None, args: argparse.Namespace | dict | None = None) -> Any:
+    """Instantiate cls from defaults, then YAML values, then CLI values (None = not given)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, val in (yaml_values or {}).items():
+        key = key.replace("-", "_")
+        if key not in names:
+            raise ValueError(f"unknown {cls.__name__} option {key!r}; known: {', '.join(sorted(names))}")
+        values[key] = val
+    given = vars(args) if isinstance(args, argparse.Namespace) else (args or {})
+    for key, val in given.items():
+        if key in names and val is not None:
+            values[key] = val
+    cfg = cls(**values)
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def load_yaml(path: str) -> dict:
+    """A YAML config file as a dict, with a clear error for a missing or malformed file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of stage -> options")
+    return data
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
