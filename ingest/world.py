@@ -183,20 +183,24 @@ def _finish_maps(object_map: np.ndarray, classes: list[int], min_pixels: int):
     border = cv2.dilate(object_map, kernel) != cv2.erode(object_map, kernel)
     obj = np.zeros_like(object_map)
     cls = np.zeros_like(object_map)
-    kept = []
+    kept, slivers = [], np.zeros_like(border)
     for old_id, c in enumerate(classes, start=1):
         visible = object_map == old_id
         if (visible & ~border).sum() < min_pixels:
-            continue  # fully hidden (or only a sliver): not an instance
+            slivers |= visible  # nearly hidden: too ambiguous to be an instance, void as VOC does
+            continue
         new_id = len(kept) + 1
-        ys, xs = np.nonzero(visible)
-        kept.append((c, (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1)))
+        kept.append(c)
         obj[visible] = new_id
         cls[visible] = c
-    void = border & ((obj > 0) | (cv2.dilate(obj, kernel) > 0))
+    void = (border & ((obj > 0) | (cv2.dilate(obj, kernel) > 0))) | slivers
     obj[void] = VOID
     cls[void] = VOID
-    return obj, cls, kept
+    boxes = []  # VOC boxes, 1-based inclusive, of each instance's pixels as its mask shows them
+    for new_id, c in enumerate(kept, start=1):
+        ys, xs = np.nonzero(obj == new_id)
+        boxes.append((c, (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1)))
+    return obj, cls, boxes
 
 
 def _annotation_xml(image_id: str, w: int, h: int, objects: list[tuple[str, tuple[int, int, int, int]]]) -> bytes:
