@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -44,7 +45,11 @@ def voc_class_names(root: str) -> list[str]:
 
 
 def split_ids(root: str, split: str) -> list[str]:
-    """Image ids of a segmentation split (ImageSets/Segmentation/SPLIT.txt); 'all' = every segmented image."""
+    """Image ids of a split: a name in ImageSets/Segmentation (train, val, ...), 'all' (every segmented
+    image), or the path of an id-list file (e.g. train_aug, whose images have labels but no masks)."""
+    if os.path.isfile(split):
+        with open(split) as f:
+            return [line.split()[0] for line in f if line.strip()]
     if split == "all":
         return sorted(n[:-4] for n in os.listdir(os.path.join(root, "SegmentationObject")) if n.endswith(".png"))
     path = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
@@ -79,22 +84,40 @@ def read_instances(object_png: np.ndarray, class_png: np.ndarray, class_names: l
     return {"instances": instances, "void": masks.encode(void) if void.any() else None}
 
 
+def xml_labels(root: str, image_id: str, class_names: list[str]) -> list[str]:
+    """Image-level labels from Annotations/ID.xml (for images without segmentation masks)."""
+    from xml.etree import ElementTree as ET
+
+    path = os.path.join(root, "Annotations", image_id + ".xml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{image_id}: neither SegmentationObject/{image_id}.png nor {path} exists")
+    names = {o.findtext("name").strip() for o in ET.parse(path).getroot().iter("object")}
+    unknown = names - set(class_names)
+    if unknown:
+        raise ValueError(f"{path}: unknown classes {sorted(unknown)}")
+    return sorted(names, key=class_names.index)
+
+
 def read_sample(root: str, image_id: str, class_names: list[str]) -> shards.Sample:
+    """One image with its ground-truth instances, or with XML labels only when it has no masks."""
     with open(os.path.join(root, "JPEGImages", image_id + ".jpg"), "rb") as f:
         jpg = f.read()
+    with Image.open(os.path.join(root, "JPEGImages", image_id + ".jpg")) as im:
+        width, height = im.size
+    meta = {"width": width, "height": height, "sha256": hashlib.sha256(jpg).hexdigest(),
+            "engine": "voc", "source_id": image_id, "url": None, "query": None}
+    key = image_id.replace(".", "_")
+    if not os.path.exists(os.path.join(root, "SegmentationObject", image_id + ".png")):
+        return shards.Sample(key=key, jpg=jpg, meta={"labels": xml_labels(root, image_id, class_names), **meta})
     obj = np.array(Image.open(os.path.join(root, "SegmentationObject", image_id + ".png")))
     cls = np.array(Image.open(os.path.join(root, "SegmentationClass", image_id + ".png")))
     if obj.ndim != 2 or cls.ndim != 2:
         raise ValueError(f"{image_id}: segmentation PNGs must be palette (index) images, not RGB")
     gt = read_instances(obj, cls, class_names)
     labels = sorted({i["class"] for i in gt["instances"]}, key=class_names.index)
-    with Image.open(os.path.join(root, "JPEGImages", image_id + ".jpg")) as im:
-        width, height = im.size
     if (height, width) != obj.shape:
         raise ValueError(f"{image_id}: image is {width}x{height} but its masks are {obj.shape[1]}x{obj.shape[0]}")
-    meta = {"labels": labels, "width": width, "height": height, "sha256": hashlib.sha256(jpg).hexdigest(),
-            "engine": "voc", "source_id": image_id, "url": None, "query": None}
-    return shards.Sample(key=image_id.replace(".", "_"), jpg=jpg, meta=meta, gt=gt)
+    return shards.Sample(key=key, jpg=jpg, meta={"labels": labels, **meta}, gt=gt)
 
 
 def import_voc(root: str, out: str, split: str = "val", shard_size: int = 500) -> dict:
@@ -107,6 +130,7 @@ def import_voc(root: str, out: str, split: str = "val", shard_size: int = 500) -
         raise ValueError("shard_size must be at least 1")
     names = voc_class_names(root)
     ids = split_ids(root, split)
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(split))[0]) or "split"
     if not ids:
         raise ValueError(f"split {split!r} of {root} is empty")
     storage.makedirs(out)
@@ -115,7 +139,7 @@ def import_voc(root: str, out: str, split: str = "val", shard_size: int = 500) -
     written = skipped = 0
     chunks = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
     for index, chunk in enumerate(tqdm(chunks, desc=f"import voc {split}", unit="shard", disable=None)):
-        name = f"{split}-{index:06d}"
+        name = f"{prefix}-{index:06d}"
         if name in done:
             skipped += 1
             continue

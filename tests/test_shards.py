@@ -111,3 +111,22 @@ def test_file_uri_and_import_resume(tiny_world, tmp_path):
         import_voc(tiny_world, str(tmp_path / "x"), split="nope")
     with pytest.raises(FileNotFoundError, match="not a VOC folder"):
         import_voc(str(tmp_path), str(tmp_path / "y"))
+
+
+def test_voc_import_of_an_id_list_takes_labels_from_xml_for_unsegmented_images(tiny_world, tmp_path):
+    """train_aug-style lists name images that have XML annotations but no masks."""
+    import shutil
+
+    root = tmp_path / "voc"
+    shutil.copytree(tiny_world, root)
+    (root / "SegmentationObject" / "world_000001.png").unlink()
+    ids = tmp_path / "my list.txt"
+    ids.write_text("world_000000\nworld_000001\n")
+    out = str(tmp_path / "labels")
+    import_voc(str(root), out, split=str(ids))
+    a, b = list(shards.read_dataset(out))
+    assert shards.shard_names(out) == ["my_list-000000"]
+    assert a.gt is not None and b.gt is None
+    from xml.etree import ElementTree as ET
+    names = {o.findtext("name") for o in ET.parse(root / "Annotations" / "world_000001.xml").getroot().iter("object")}
+    assert set(b.labels) == names and b.labels

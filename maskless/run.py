@@ -1,0 +1,205 @@
+"""`maskless run`: the whole pipeline from one YAML file, every stage resumable.
+
+Stages, in order (each writes into the run folder and records `stages/NAME.json` when it has
+finished; a rerun skips recorded stages, and each stage itself skips its finished work units):
+
+  world      synthetic VOC-format world (source: world)
+  import     ground-truth shards of the train and val splits (for fidelity, the upper bound, eval)
+  crawl      the tags: images found by keyword through a search engine (the local engine over the
+             world by default), image-level labels only
+  classify   the peak-stimulation classifier, trained on the crawl's labels
+  pseudo     pseudo instance masks for the train images
+  fidelity   pseudo masks against the true masks of the same images
+  train_weak     Mask R-CNN on the pseudo masks            (weak supervision: the method)
+  train_full     the same Mask R-CNN on the true masks     (full supervision: the upper bound)
+  eval_weak / eval_full   both scored on the val split
+  report     one side-by-side report
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ingest import storage
+from maskless import config
+
+log = logging.getLogger("maskless.run")
+
+
+@dataclass
+class RunConfig:
+    out: str = field(default="maskless-run", metadata={"help": "run folder"})
+    source: str = field(default="world", metadata={"help": "world (synthetic) or voc", "choices": ["world", "voc"]})
+    world: dict = field(default_factory=lambda: {"classes": 3, "images": 120, "seed": 0, "size": 128})
+    voc_root: str | None = field(default=None, metadata={"help": "VOCdevkit/VOC2012 (source: voc)"})
+    train_split: str = field(default="train", metadata={"help": "split whose images get pseudo masks"})
+    val_split: str = field(default="val", metadata={"help": "split the models are scored on"})
+    queries: dict = field(default_factory=dict)  # class -> queries for the crawl; default: the class name
+    crawl: bool = field(default=True, metadata={"help": "get the image labels by crawling (else from the train split)"})
+    fully_supervised: bool = field(default=True, metadata={"help": "also train on true masks (the upper bound)"})
+
+    def validate(self) -> None:
+        if self.source == "voc" and not self.voc_root:
+            raise ValueError("run.source is 'voc' but run.voc_root is not set")
+        unknown = set(self.world) - {"classes", "images", "seed", "size", "val_fraction"}
+        if unknown:
+            raise ValueError(f"unknown run.world options: {', '.join(sorted(unknown))}")
+
+
+STAGE_SECTIONS = ("crawl", "classify", "pseudo", "pseudo_eval", "train", "eval")
+
+
+def _stage_config(module: str, cls_name: str, section: dict, **paths: Any):
+    """A stage config from the user's YAML section plus the paths the pipeline wires in."""
+    import importlib
+
+    cls = getattr(importlib.import_module(module), cls_name)
+    return config.build(cls, {**section, **paths})
+
+
+class Pipeline:
+    """Runs stages in order, skipping those recorded as finished, timing each."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.times: dict[str, float] = {}
+        self.results: dict[str, Any] = {}
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.out, *parts)
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        marker = self.path("stages", f"{name}.json")
+        if storage.exists(marker):
+            record = storage.read_json(marker)
+            log.info("stage %-10s done earlier (%.0f s)", name, record["seconds"])
+            self.times[name] = 0.0
+            self.results[name] = record["result"]
+            return record["result"]
+        log.info("stage %-10s ...", name)
+        print(f"[maskless run] {name} ...", flush=True)
+        t0 = time.time()
+        result = fn()
+        seconds = time.time() - t0
+        storage.write_json_atomic(marker, {"stage": name, "seconds": seconds, "result": result})
+        self.times[name] = seconds
+        self.results[name] = result
+        print(f"[maskless run] {name} done in {seconds:.0f} s", flush=True)
+        return result
+
+
+def _log_to_file(out: str) -> logging.Handler:
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    handler = logging.FileHandler(os.path.join(out, "logs", "run.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    for name in ("maskless", "ingest", "pseudo", "train"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    return handler
+
+
+def run_pipeline(config_path: str, out: str | None = None, address: str | None = None,
+                 num_cpus: int | None = None, verbose: bool = False) -> dict:
+    """Run every stage of the YAML at config_path; returns the summary also written to OUT/summary.json."""
+    raw = config.load_yaml(config_path)
+    unknown = set(raw) - {"run", *STAGE_SECTIONS}
+    if unknown:
+        raise ValueError(f"{config_path}: unknown sections {', '.join(sorted(unknown))}; "
+                         f"known: run, {', '.join(STAGE_SECTIONS)}")
+    run_cfg = config.build(RunConfig, raw.get("run", {}), {"out": out})
+    sections = {k: dict(raw.get(k) or {}) for k in STAGE_SECTIONS}
+    storage.makedirs(run_cfg.out)
+    handler = _log_to_file(run_cfg.out) if "://" not in run_cfg.out else None
+    from maskless.ray_runtime import init_ray
+
+    init_ray(address, num_cpus, verbose)
+    p = Pipeline(run_cfg.out)
+    t_start = time.time()
+    try:
+        _run_stages(p, run_cfg, sections)
+    finally:
+        if handler:
+            for name in ("maskless", "ingest", "pseudo", "train"):
+                logging.getLogger(name).removeHandler(handler)
+    summary = _summary(p, run_cfg, time.time() - t_start)
+    storage.write_json_atomic(p.path("summary.json"), summary)
+    _print_summary(summary)
+    return summary
+
+
+def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
+    from ingest.voc import import_voc
+
+    if cfg.source == "world":
+        from ingest.world import make_world
+
+        root = p.path("world")
+        p.stage("world", lambda: make_world(root, **cfg.world))
+    else:
+        root = cfg.voc_root
+    data = {split: p.path("data", split) for split in ("train", "val")}
+    p.stage("import", lambda: {
+        "train": import_voc(root, data["train"], split=cfg.train_split),
+        "val": import_voc(root, data["val"], split=cfg.val_split),
+    })
+    classes = p.results["import"]["train"]["classes"]
+
+    if cfg.crawl:
+        from ingest.crawl import run_crawl
+
+        queries = cfg.queries or {c: [c] for c in classes}
+        crawl_cfg = _stage_config("ingest.crawl", "CrawlConfig", s["crawl"], out=p.path("data", "crawl"),
+                                  queries=queries, **({"local_root": root} if cfg.source == "world" else {}))
+        p.stage("crawl", lambda: run_crawl(crawl_cfg))
+        label_data = p.path("data", "crawl")
+    else:
+        label_data = data["train"]
+
+    from pseudo.classify import run_classify
+    from pseudo.fidelity import run_fidelity
+    from pseudo.stage import run_pseudo
+
+    classify_cfg = _stage_config("pseudo.classify", "ClassifyConfig", s["classify"], data=label_data,
+                                 out=p.path("classifier"))
+    p.stage("classify", lambda: run_classify(classify_cfg))
+    pseudo_cfg = _stage_config("pseudo.stage", "PseudoConfig", s["pseudo"], classifier=p.path("classifier"),
+                               data=data["train"], out=p.path("data", "pseudo"))
+    p.stage("pseudo", lambda: run_pseudo(pseudo_cfg))
+    fid_cfg = _stage_config("pseudo.fidelity", "FidelityConfig", s["pseudo_eval"], data=p.path("data", "pseudo"),
+                            out=p.path("reports", "fidelity"))
+    p.stage("fidelity", lambda: run_fidelity(fid_cfg))
+
+    from train.evaluate import run_eval
+    from train.trainer import run_train
+
+    runs = [("weak", p.path("data", "pseudo"), "pseudo")]
+    if cfg.fully_supervised:
+        runs.append(("full", data["train"], "gt"))
+    for name, train_data, mask_source in runs:
+        train_cfg = _stage_config("train.trainer", "TrainConfig", s["train"], data=train_data, masks=mask_source,
+                                  out=p.path("models", name))
+        p.stage(f"train_{name}", lambda c=train_cfg: run_train(c))
+        eval_cfg = _stage_config("train.evaluate", "EvalConfig", s["eval"], model=p.path("models", name, "model.pt"),
+                                 gt=data["val"], out=p.path("reports", name))
+        p.stage(f"eval_{name}", lambda c=eval_cfg: run_eval(c))
+
+
+def _summary(p: Pipeline, cfg: RunConfig, seconds: float) -> dict:
+    from maskless.run_report import write_run_report
+
+    report = write_run_report(p.path("reports"), p.results)
+    return {"out": cfg.out, "report": report, "seconds": seconds, "stage_seconds": p.times,
+            "results": {k: v for k, v in p.results.items() if k.startswith(("eval", "fidelity"))}}
+
+
+def _print_summary(summary: dict) -> None:
+    print("\n[maskless run] finished in %.0f s" % summary["seconds"])
+    for name, sec in summary["stage_seconds"].items():
+        print(f"  {name:<12} {'skipped (done earlier)' if sec == 0 else f'{sec:.0f} s'}")
+    print(f"  report: {summary['report']}")
