@@ -40,7 +40,9 @@ class RunConfig:
     train_split: str = field(default="train", metadata={"help": "split whose images get pseudo masks"})
     val_split: str = field(default="val", metadata={"help": "split the models are scored on"})
     queries: dict = field(default_factory=dict)  # class -> queries for the crawl; default: the class name
-    crawl: bool = field(default=True, metadata={"help": "get the image labels by crawling (else from the train split)"})
+    crawl: bool = field(default=True, metadata={"help": "get the image labels by crawling (else from label_split)"})
+    label_split: str | None = field(default=None, metadata={
+        "help": "without crawl: split name or id-list file whose image labels train the classifier (default: train_split)"})
     fully_supervised: bool = field(default=True, metadata={"help": "also train on true masks (the upper bound)"})
 
     def validate(self) -> None:
@@ -154,10 +156,19 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
         from ingest.crawl import run_crawl
 
         queries = cfg.queries or {c: [c] for c in classes}
+        engine = {}
+        if cfg.source == "world":
+            # The demo's "web": the world's train images filed by class, served by the local engine.
+            web = p.path("web")
+            p.stage("web", lambda: _web_folder(root, cfg.train_split, web))
+            engine = {"engine": ["local"], "local_root": web, "allow_private": True}
         crawl_cfg = _stage_config("ingest.crawl", "CrawlConfig", s["crawl"], out=p.path("data", "crawl"),
-                                  queries=queries, **({"local_root": root} if cfg.source == "world" else {}))
+                                  classes=queries, **engine)
         p.stage("crawl", lambda: run_crawl(crawl_cfg))
         label_data = p.path("data", "crawl")
+    elif cfg.label_split and cfg.label_split != cfg.train_split:
+        label_data = p.path("data", "labels")
+        p.stage("labels", lambda: import_voc(root, label_data, split=cfg.label_split))
     else:
         label_data = data["train"]
 
@@ -190,6 +201,23 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
         p.stage(f"eval_{name}", lambda c=eval_cfg: run_eval(c))
 
 
+def _web_folder(voc_root: str, split: str, out: str) -> dict:
+    """Copy the split's images into OUT/CLASS/ID.jpg by their XML labels (an image under each of its classes)."""
+    import shutil
+
+    from ingest.voc import split_ids, voc_class_names, xml_labels
+
+    names = voc_class_names(voc_root)
+    counts = {c: 0 for c in names}
+    for image_id in split_ids(voc_root, split):
+        for label in xml_labels(voc_root, image_id, names):
+            os.makedirs(os.path.join(out, label), exist_ok=True)
+            shutil.copyfile(os.path.join(voc_root, "JPEGImages", image_id + ".jpg"),
+                            os.path.join(out, label, image_id + ".jpg"))
+            counts[label] += 1
+    return {"out": out, "images_per_class": counts}
+
+
 def _summary(p: Pipeline, cfg: RunConfig, seconds: float) -> dict:
     from maskless.run_report import write_run_report
 
@@ -202,4 +230,10 @@ def _print_summary(summary: dict) -> None:
     print("\n[maskless run] finished in %.0f s" % summary["seconds"])
     for name, sec in summary["stage_seconds"].items():
         print(f"  {name:<12} {'skipped (done earlier)' if sec == 0 else f'{sec:.0f} s'}")
-    print(f"  report: {summary['report']}")
+    print(f"\n  report: {summary['report']}")
+    for key in ("eval_weak", "eval_full"):
+        r = summary["results"].get(key)
+        if r:
+            table = ", ".join(f"{p} {t}: {'-' if v is None else f'{100 * v:.1f}'}"
+                              for p, vals in r["mAP"].items() for t, v in vals.items())
+            print(f"  {key} mAP^r: {table}")
