@@ -1,0 +1,393 @@
+"""`maskless crawl`: search by keyword (or read URL lists) into clean, deduplicated, labelled shards.
+
+The crawl is a list of work units, one per (engine, query, result window), run as Ray tasks with
+a bound on how many are in flight. Each unit drives icrawler (engines.py) with our downloader
+(downloader.py) and writes its samples as ONE shard under OUT/_units/; that shard's tar is the
+unit's completion record (the shard commit rule), so a rerun skips finished units and a Ray retry
+of a finished unit returns its record. A final pass (dedup.py) reads every unit manifest, merges
+exact and near duplicates across units, engines and runs, and writes the dataset's shards in OUT,
+each derived from one unit shard and rewritten only when its dedup decision changed.
+Docs: docs/CRAWL.md.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ingest import resources, shards, storage
+from ingest.dedup import decide
+from ingest.engines import ENGINES, Unit, run_unit
+from ingest.local_engine import LocalSearchServer
+
+logger = logging.getLogger(__name__)
+
+UNITS_DIR = "_units"
+SUMMARY_FILE = "crawl_summary.json"
+DEFAULT_USER_AGENT = "maskless/0.1 (image dataset crawler; honours X-Robots-Tag noai/noimageai)"
+PAGE_SIZE = {"bing": 20, "local": 20, "baidu": 30, "google": 100, "flickr": 1}
+RESULT_CAP = {"bing": 1000, "local": 1_000_000, "baidu": 1000, "google": 1000, "flickr": 4000}
+
+
+@dataclass
+class CrawlConfig:
+    keywords: list[str] = field(default_factory=list, metadata={
+        "help": "classes to crawl, each searched under its own name (e.g. car,dog)"})
+    classes: dict = field(default_factory=dict, metadata={
+        "help": "YAML only: class -> list of search queries (greedy: sites)"})
+    engine: list[str] = field(default_factory=lambda: ["bing"], metadata={
+        "help": f"engines, comma separated: {', '.join(ENGINES)}"})
+    images_per_query: int = field(default=100, metadata={"help": "search results to fetch per query"})
+    image_size: int = field(default=512, metadata={"help": "longest side of stored images (never upscaled)"})
+    jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality of stored images"})
+    timeout: float = field(default=10.0, metadata={"help": "seconds per request (connect/read)"})
+    shard_size: int = field(default=500, metadata={"help": "most samples per shard (= result window per unit)"})
+    out: str = field(default="data/crawl", metadata={"help": "output folder or URI"})
+    urls: Optional[str] = field(default=None, metadata={
+        "help": "CSV (url,label[,label...]) or parquet (url, label or labels) for --engine urls"})
+    local_root: Optional[str] = field(default=None, metadata={
+        "help": "engine local: folder of class subfolders, or a VOC-format world"})
+    allow_private: bool = field(default=False, metadata={
+        "help": "allow URLs resolving to private, loopback or link-local addresses"})
+    min_size: int = field(default=64, metadata={"help": "reject images whose shorter side is smaller"})
+    max_pixels: int = field(default=40_000_000, metadata={"help": "reject images with more pixels (bombs)"})
+    max_bytes: int = field(default=20_000_000, metadata={"help": "reject downloads larger than this"})
+    per_host_concurrency: int = field(default=4, metadata={"help": "concurrent requests per host, per task"})
+    per_host_rps: float = field(default=5.0, metadata={"help": "request starts per second per host, per task (0: no limit)"})
+    retries: int = field(default=2, metadata={"help": "retries on 429, 5xx, timeouts and connection errors"})
+    backoff: float = field(default=1.0, metadata={"help": "first retry delay in seconds (doubles each retry)"})
+    max_backoff: float = field(default=30.0, metadata={"help": "longest retry delay, Retry-After included"})
+    max_redirects: int = field(default=5, metadata={"help": "redirects followed per request"})
+    user_agent: str = field(default=DEFAULT_USER_AGENT, metadata={"help": "User-Agent header (keep 'maskless' in it)"})
+    respect_noai: bool = field(default=True, metadata={"help": "skip images served with X-Robots-Tag noai/noimageai"})
+    threads: int = field(default=16, metadata={"help": "download threads per task"})
+    workers: int = field(default=4, metadata={"help": "Ray tasks in flight"})
+    task_cpus: float = field(default=0.5, metadata={"help": "CPUs Ray reserves per crawl task"})
+    near_dup_bits: int = field(default=4, metadata={
+        "help": "perceptual-hash distance (bits of 64) counted as a near duplicate; -1: exact only"})
+    unit_idle_timeout: float = field(default=120.0, metadata={"help": "stop a unit after this many seconds without new results"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def queries(self) -> dict[str, list[str]]:
+        """class -> queries, YAML classes first, then keywords."""
+        out: dict[str, list[str]] = {}
+        for label, qs in (self.classes or {}).items():
+            qs = [qs] if isinstance(qs, str) else list(qs or [label])
+            out[str(label)] = [str(q) for q in qs]
+        for k in self.keywords:
+            qs = out.setdefault(k, [])
+            if k not in qs:
+                qs.append(k)
+        return out
+
+    def validate(self) -> None:
+        bad = [e for e in self.engine if e not in ENGINES]
+        if bad or not self.engine:
+            raise ValueError(f"unknown engine(s) {bad or self.engine}; choose from {', '.join(ENGINES)}")
+        if not isinstance(self.classes, dict):
+            raise ValueError("classes must be a mapping class -> list of queries (YAML)")
+        if any(e != "urls" for e in self.engine) and not self.queries():
+            raise ValueError("nothing to search: give --keywords car,dog or a classes: mapping in YAML")
+        if "urls" in self.engine and not self.urls:
+            raise ValueError("engine urls needs --urls FILE (CSV url,label[,label...] or parquet)")
+        if "local" in self.engine and not self.local_root:
+            raise ValueError("engine local needs --local-root (class subfolders, or a world from `maskless world`)")
+        if "flickr" in self.engine and not os.environ.get("FLICKR_APIKEY"):
+            raise ValueError("engine flickr needs the FLICKR_APIKEY environment variable")
+        for name in ("images_per_query", "image_size", "shard_size", "threads", "workers",
+                     "per_host_concurrency", "max_bytes", "max_pixels", "min_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        for name in ("timeout", "task_cpus", "unit_idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.retries < 0 or self.backoff < 0 or self.per_host_rps < 0 or self.max_redirects < 0:
+            raise ValueError("retries, backoff, per_host_rps and max_redirects must not be negative")
+        if not -1 <= self.near_dup_bits <= 32:
+            raise ValueError(f"near_dup_bits must be in -1..32, got {self.near_dup_bits}")
+        if "maskless" not in self.user_agent.lower():
+            raise ValueError("user_agent must name maskless, so that sites can tell who is crawling")
+
+
+def read_url_list(path: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(url, labels) rows of a CSV (url,label[,label...], optional header) or parquet file."""
+    if not storage.exists(path):
+        raise FileNotFoundError(f"URL list {path} not found")
+    data = storage.read_bytes(path)
+    rows: list[tuple[str, tuple[str, ...]]] = []
+    if path.endswith(".parquet"):
+        table = pq.read_table(io.BytesIO(data))
+        cols = set(table.column_names)
+        if "url" not in cols or not cols & {"label", "labels"}:
+            raise ValueError(f"{path}: parquet URL lists need a 'url' column and 'label' or 'labels'")
+        for r in table.to_pylist():
+            labels = r.get("labels") if "labels" in cols else r.get("label")
+            labels = [labels] if isinstance(labels, str) else list(labels or [])
+            rows.append((str(r["url"]).strip(), tuple(str(x).strip() for x in labels if x)))
+    else:
+        for i, rec in enumerate(csv.reader(io.StringIO(data.decode("utf-8-sig")))):
+            if not rec or not rec[0].strip() or rec[0].lstrip().startswith("#"):
+                continue
+            if i == 0 and rec[0].strip().lower() == "url":
+                continue
+            rows.append((rec[0].strip(), tuple(x.strip() for x in rec[1:] if x.strip())))
+    for url, labels in rows:
+        if not labels:
+            raise ValueError(f"{path}: URL {url} has no label (each row is url,label[,label...])")
+    return rows
+
+
+def plan_units(cfg: CrawlConfig) -> list[Unit]:
+    """Every unit of the crawl, in a stable order."""
+    units: list[Unit] = []
+    for engine in cfg.engine:
+        if engine == "urls":
+            rows = read_url_list(cfg.urls)
+            for w, start in enumerate(range(0, len(rows), cfg.shard_size)):
+                chunk = tuple(rows[start:start + cfg.shard_size])
+                units.append(Unit("urls", "", os.path.basename(cfg.urls), w, start, len(chunk), chunk))
+            continue
+        for label, queries in cfg.queries().items():
+            for q in queries:
+                if engine == "greedy":
+                    units.append(Unit(engine, label, q, 0, 0, cfg.images_per_query))
+                    continue
+                total = min(cfg.images_per_query, RESULT_CAP[engine])
+                page = PAGE_SIZE[engine]
+                window = max(page, min(cfg.shard_size, total) // page * page)
+                for w, start in enumerate(range(0, total, window)):
+                    units.append(Unit(engine, label, q, w, start, min(window, total - start)))
+    seen, unique = set(), []
+    for u in units:
+        if u.name not in seen:
+            seen.add(u.name)
+            unique.append(u)
+    return unique
+
+
+def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | None) -> dict:
+    """Run one unit and commit its shard; a unit already committed returns its record unchanged."""
+    base = storage.join(units_root, unit.name)
+    if storage.exists(base + ".tar"):
+        return {**storage.read_json(base + ".stats.json"), "resumed": True}
+    t0 = time.monotonic()
+    sink = run_unit(unit, options, local_base)
+    c = sink.counts
+    stats = {
+        **unit.describe(), "found": c["found"], "downloaded": c["downloaded"], "accepted": c["accepted"],
+        "duplicates": c["duplicates"], "bytes": c["bytes"], "requests_refused": c["requests_refused"],
+        "idle_stops": c["idle_stops"], "rejected": dict(sink.rejected), "rejects": sink.rejects,
+        "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(),
+    }
+    with shards.ShardWriter(units_root, unit.name) as writer:
+        for key in sorted(sink.samples):
+            writer.write(sink.samples[key])
+        info = writer.commit(stats)
+    return {**info, "resumed": False}
+
+
+def _options(cfg: CrawlConfig) -> dict:
+    keys = ("image_size", "jpeg_quality", "timeout", "min_size", "max_pixels", "max_bytes", "per_host_concurrency",
+            "per_host_rps", "retries", "backoff", "max_backoff", "max_redirects", "user_agent", "respect_noai",
+            "threads", "allow_private", "unit_idle_timeout")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _run_units(cfg: CrawlConfig, units: list[Unit], units_root: str, local_base: str | None) -> tuple[list, list]:
+    """Submit units as Ray tasks, at most cfg.workers in flight; returns (records, failures)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("run_crawl needs Ray initialised by the caller (ray.init(...) or the maskless CLI)")
+    # max_retries covers worker/node death; a retried unit finds its shard if it had committed
+    task = ray.remote(crawl_unit).options(**resources.crawl_options(cfg.task_cpus), max_retries=3)
+    options = _options(cfg)
+    records, failures, pending = [], [], {}
+    todo = list(units)
+    bar = tqdm(total=len(units), desc="crawl units", unit="unit", disable=None if cfg.progress else True)
+    accepted = 0
+    while todo or pending:
+        while todo and len(pending) < cfg.workers:
+            u = todo.pop(0)
+            pending[task.remote(u, options, units_root, local_base)] = u
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            u = pending.pop(ref)
+            try:
+                rec = ray.get(ref)
+            except Exception as e:  # one bad unit must not lose the others' work
+                logger.error("unit %s failed: %s", u.name, e)
+                failures.append({"unit": u.name, "error": str(e).splitlines()[-1] if str(e) else repr(e)})
+            else:
+                records.append(rec)
+                accepted += rec.get("accepted", 0)
+            bar.update(1)
+            bar.set_postfix(images=accepted)
+    bar.close()
+    return records, failures
+
+
+def finalize(out: str, units_root: str, near_dup_bits: int) -> dict:
+    """Write OUT's shards from the unit shards with duplicates merged (see dedup.py).
+
+    Each unit shard U gives dataset shard U holding its kept samples. The shard's stats record a
+    digest of its decision: when a rerun decides the same, the shard is left alone; otherwise it
+    is deleted (tar first, so it never reads as complete with stale content) and written again."""
+    manifest = shards.read_manifest(units_root)
+    rows = manifest.select(["key", "labels", "width", "height", "sha256", "phash", "url", "shard"]).to_pylist()
+    decision = decide(rows, near_dup_bits)
+    url_of = {(r["shard"], r["key"]): r["url"] for r in rows}
+    per_shard: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        per_shard[r["shard"]].append(r)
+    unit_names = shards.shard_names(units_root)
+    written = kept_total = 0
+    for name in unit_names:
+        plan = {}
+        for r in per_shard.get(name, []):
+            ident = (name, r["key"])
+            if ident in decision.dropped:
+                continue
+            entry = {"labels": decision.labels[ident]}
+            dup_urls = sorted({url_of[m] or "" for m in decision.merged.get(ident, [])} - {r["url"] or ""})
+            if dup_urls:
+                entry["duplicate_urls"] = dup_urls
+            plan[r["key"]] = entry
+        kept_total += len(plan)
+        digest = hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+        final = storage.join(out, name)
+        if storage.exists(final + ".tar") and storage.read_json(final + ".stats.json").get("dedup_digest") == digest:
+            continue
+        shards.delete_shard(out, name)
+        if not plan:
+            continue
+        unit_stats = storage.read_json(storage.join(units_root, name + ".stats.json"))
+        stats = {**unit_stats, "dedup_digest": digest, "dropped_as_duplicates": len(per_shard[name]) - len(plan)}
+        unchanged = len(plan) == len(per_shard[name]) and all(
+            list(plan[r["key"]]) == ["labels"] and plan[r["key"]]["labels"] == sorted(r["labels"])
+            for r in per_shard[name])
+        if unchanged:
+            _share_shard(units_root, out, name, stats)
+        else:
+            with shards.ShardWriter(out, name) as writer:
+                for s in shards.read_shard(storage.join(units_root, name + ".tar")):
+                    if s.key in plan:
+                        s.meta.update(plan[s.key])
+                        writer.write(s)
+                writer.commit({k: v for k, v in stats.items() if k not in ("shard", "count", "schema_version")})
+        written += 1
+    for name in set(shards.shard_names(out)) - set(unit_names):
+        shards.delete_shard(out, name)
+    return {"unit_samples": len(rows), "samples": kept_total, "exact_duplicates": decision.exact,
+            "near_duplicates": decision.near, "shards_rewritten": written,
+            "_dropped": {k: v for k, v in decision.dropped.items()}}
+
+
+def _share_shard(src_root: str, dst_root: str, name: str, stats: dict) -> None:
+    """A unit shard that dedup leaves untouched becomes a dataset shard without rewriting it: a hard
+    link on a local disk (unit shards are never modified, only replaced), a copy elsewhere.
+    Manifest and stats first, the tar last, as the commit rule says."""
+    src, dst = storage.join(src_root, name), storage.join(dst_root, name)
+    storage.write_bytes_atomic(dst + ".parquet", storage.read_bytes(src + ".parquet"))
+    storage.write_json_atomic(dst + ".stats.json", stats)
+    fs, src_tar = storage.resolve(src + ".tar")
+    _, dst_tar = storage.resolve(dst + ".tar")
+    if not storage.is_local(fs):
+        fs.copy_file(src_tar, dst_tar)  # one object copy: atomic on an object store
+        return
+    try:
+        os.link(src_tar, dst_tar)
+    except OSError:  # another device or a filesystem without hard links
+        tmp = storage.temp_name(dst_tar)
+        fs.copy_file(src_tar, tmp)
+        os.replace(tmp, dst_tar)
+
+
+def _summarize(unit_stats: list[dict], dropped: dict, shard_meta: dict[str, dict]) -> dict:
+    """Per engine and class: found / downloaded / accepted / rejected by reason / duplicates / rate."""
+    groups: dict[str, dict] = {}
+    for st in unit_stats:
+        g = groups.setdefault(f"{st['engine']}/{st['class'] or '(list)'}", {
+            "engine": st["engine"], "class": st["class"], "units": 0, "found": 0, "downloaded": 0,
+            "accepted": 0, "duplicates": 0, "rejected": Counter(), "seconds": 0.0})
+        g["units"] += 1
+        for k in ("found", "downloaded", "accepted", "duplicates", "seconds"):
+            g[k] += st.get(k, 0)
+        g["rejected"].update(st.get("rejected", {}))
+    for (shard, _key) in dropped:
+        st = shard_meta.get(shard)
+        if st:
+            groups[f"{st['engine']}/{st['class'] or '(list)'}"]["duplicates"] += 1
+    for g in groups.values():
+        g["rejected"] = dict(sorted(g["rejected"].items()))
+        g["seconds"] = round(g["seconds"], 3)
+        g["images_per_second"] = round(g["accepted"] / g["seconds"], 2) if g["seconds"] > 0 else None
+    return dict(sorted(groups.items()))
+
+
+def run_crawl(cfg: CrawlConfig) -> dict:
+    """Crawl, resume-safe, and return (and write to OUT/crawl_summary.json) the summary."""
+    cfg.validate()
+    t0 = time.monotonic()
+    out = cfg.out
+    units_root = storage.join(out, UNITS_DIR)
+    storage.makedirs(units_root)
+    storage.remove_stale_temps(units_root)
+    storage.remove_stale_temps(out)
+    storage.delete(storage.join(out, shards.DATASET_FILE))  # "finished" again only when this run finishes
+    units = plan_units(cfg)
+    done = set(shards.shard_names(units_root))
+    todo = [u for u in units if u.name not in done]
+    logger.info("crawl: %d units, %d already done", len(units), len(units) - len(todo))
+    server = None
+    local_base = None
+    if "local" in cfg.engine:
+        server = LocalSearchServer(cfg.local_root, {q: c for c, qs in cfg.queries().items() for q in qs})
+        local_base = server.start()
+    try:
+        records, failures = _run_units(cfg, todo, units_root, local_base)
+    finally:
+        if server is not None:
+            server.stop()
+    crawl_seconds = time.monotonic() - t0
+    final = finalize(out, units_root, cfg.near_dup_bits)
+    dropped = final.pop("_dropped")
+    unit_stats = shards.read_stats(units_root)  # every unit in OUT, earlier commands' too: the dataset's content
+    meta = {st["shard"]: st for st in unit_stats}
+    classes = list(cfg.queries())
+    manifest = shards.read_manifest(out)
+    per_class = Counter(label for labels in manifest.column("labels").to_pylist() for label in labels)
+    classes += sorted(set(per_class) - set(classes))
+    accepted_now = sum(r.get("accepted", 0) for r in records if not r.get("resumed"))
+    summary = {
+        "out": out, "engines": list(cfg.engine), "classes": classes,
+        "units": len(units), "units_run": sum(1 for r in records if not r.get("resumed")),
+        "units_already_done": len(units) - len(todo) + sum(1 for r in records if r.get("resumed")),
+        "units_failed": failures, **final,
+        "samples_per_class": {c: per_class.get(c, 0) for c in classes},
+        "accepted_this_run": accepted_now, "crawl_seconds": round(crawl_seconds, 3),
+        "seconds": round(time.monotonic() - t0, 3),
+        "images_per_second": round(accepted_now / crawl_seconds, 2) if crawl_seconds > 0 else None,
+        "by_engine_class": _summarize(unit_stats, dropped, meta),
+        "config": {k: v for k, v in asdict(cfg).items()},
+    }
+    storage.write_json_atomic(storage.join(out, SUMMARY_FILE), summary)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(units)} crawl units failed ({failures[0]['error']}); "
+                           f"the rest are saved: rerun the same command to retry only those "
+                           f"(details in {storage.join(out, SUMMARY_FILE)})")
+    shards.write_dataset_info(out, classes, stage="crawl", engines=list(cfg.engine),
+                              samples_per_class=summary["samples_per_class"])
+    return summary

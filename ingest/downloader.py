@@ -1,0 +1,250 @@
+"""Our icrawler downloader: polite fetching, validation, and samples buffered for one shard.
+
+icrawler 0.6.10's own downloader has a fixed browser User-Agent, no backoff, no byte cap, writes
+loose files from many threads, and its threads quit early when the parser is slow
+(docs/CRAWL.md). We keep icrawler's feeders and parsers and replace the download step: each
+image is fetched (retries with backoff on 429/5xx and network errors, a per-host limit, opt-outs
+honoured), cleaned by `validator.clean_image`, and handed whole to a `UnitSink`, which keeps one
+sample per content key under a lock, so the shard is written once, by one thread, at the end.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import re
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Callable
+from urllib.parse import urlsplit
+
+import requests
+from icrawler import ImageDownloader
+from icrawler.storage import BaseStorage
+
+from ingest.safety import RefusedAddress
+from ingest.shards import Sample
+from ingest.validator import Rejected, clean_image
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGGED_REJECTS = 2000  # per unit; counts by reason are always complete
+_VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
+
+
+def robots_opt_out(header: str | None, agent: str = "maskless") -> bool:
+    """True when an X-Robots-Tag value says noai / noimageai for every agent or for ours.
+
+    Directives may be scoped: `otherbot: noai` applies to otherbot only, until the next scope."""
+    if not header:
+        return False
+    scope = None
+    for part in header.split(","):
+        part = part.strip().lower()
+        m = re.match(r"^([a-z0-9_.\-*]+)\s*:\s*(.*)$", part)
+        if m and m.group(1) not in _VALUED_DIRECTIVES:
+            scope, part = m.group(1), m.group(2).strip()
+        if part in ("noai", "noimageai") and scope in (None, "*", agent):
+            return True
+    return False
+
+
+class HostLimiter:
+    """At most `concurrency` requests at once and `rate` request starts per second, per host.
+
+    Per process: a crawl's tasks each hold one, so a host sees at most tasks x these limits."""
+
+    def __init__(self, concurrency: int, rate: float):
+        self.concurrency, self.rate = concurrency, rate
+        self._lock = threading.Lock()
+        self._sems: dict[str, threading.Semaphore] = {}
+        self._next: dict[str, float] = {}
+
+    @contextmanager
+    def slot(self, host: str):
+        with self._lock:
+            sem = self._sems.setdefault(host, threading.Semaphore(self.concurrency))
+        with sem:
+            if self.rate > 0:
+                with self._lock:
+                    now = time.monotonic()
+                    start = max(now, self._next.get(host, now))
+                    self._next[host] = start + 1.0 / self.rate
+                time.sleep(max(0.0, start - now))
+            yield
+
+
+def fetch(session: requests.Session, url: str, *, timeout: float, max_bytes: int, retries: int,
+          backoff: float, max_backoff: float, respect_noai: bool, limiter: HostLimiter,
+          agent: str = "maskless", sleep: Callable[[float], None] = time.sleep) -> tuple[bytes, str]:
+    """GET an image body; (bytes, final url) or Rejected with the reason of the last attempt."""
+    host = urlsplit(url).hostname or ""
+    attempt = 0
+    while True:
+        retry_after = 0.0
+        try:
+            with limiter.slot(host):
+                return _get_once(session, url, timeout, max_bytes, respect_noai, agent)
+        except _Retryable as e:
+            reason, retry_after = e.reason, e.retry_after
+        except RefusedAddress as e:
+            raise Rejected("refused_private", str(e)) from None
+        except requests.TooManyRedirects:
+            raise Rejected("too_many_redirects") from None
+        except requests.Timeout:
+            reason = "timeout"
+        except requests.ConnectionError as e:
+            reason = "timeout" if "timed out" in str(e).lower() else "connection_error"
+        except requests.RequestException as e:
+            raise Rejected("bad_url", str(e)) from None
+        if attempt >= retries:
+            raise Rejected(reason)
+        delay = min(max_backoff, max(retry_after, backoff * 2 ** attempt))
+        sleep(delay * random.uniform(0.8, 1.2))
+        attempt += 1
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float = 0.0):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0  # an HTTP date: fall back to our own backoff
+
+
+def _get_once(session, url, timeout, max_bytes, respect_noai, agent) -> tuple[bytes, str]:
+    start = time.monotonic()
+    with session.get(url, timeout=timeout, stream=True) as resp:
+        status = resp.status_code
+        if status == 429 or status >= 500:
+            raise _Retryable(f"http_{status}", _retry_after(resp.headers.get("Retry-After")))
+        if status != 200:
+            raise Rejected(f"http_{status}")
+        if respect_noai and robots_opt_out(resp.headers.get("X-Robots-Tag"), agent):
+            raise Rejected("noai", "X-Robots-Tag opts out of AI use")
+        if resp.headers.get("Content-Type", "").lower().startswith("text/html"):
+            raise Rejected("not_image", "Content-Type text/html")
+        length = resp.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise Rejected("too_large", f"Content-Length {length} > {max_bytes}")
+        chunks, size = [], 0
+        for chunk in resp.iter_content(65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise Rejected("too_large", f"more than {max_bytes} bytes")
+            if time.monotonic() - start > 3 * timeout:  # a server trickling bytes past any read timeout
+                raise requests.Timeout(f"body not complete after {3 * timeout:.1f} s")
+        return b"".join(chunks), resp.url
+
+
+class UnitSink(BaseStorage):
+    """Everything one work unit produced: its samples (one per content key) and its counts.
+
+    It stands in icrawler's storage slot; `write` takes a whole Sample, under a lock."""
+
+    def __init__(self):
+        self.samples: dict[str, Sample] = {}
+        self.counts: Counter = Counter()
+        self.rejected: Counter = Counter()
+        self.rejects: list[dict] = []
+        self.lock = threading.Lock()
+
+    def write(self, id: str, data: Sample) -> bool:
+        """Keep a sample; a second copy of the same content only adds its labels. True when new."""
+        with self.lock:
+            old = self.samples.get(id)
+            if old is None:
+                self.samples[id] = data
+                self.counts["accepted"] += 1
+                return True
+            old.meta["labels"] = sorted(set(old.meta["labels"]) | set(data.meta["labels"]))
+            self.counts["duplicates"] += 1
+            return False
+
+    def exists(self, id: str) -> bool:
+        with self.lock:
+            return id in self.samples
+
+    def max_file_idx(self) -> int:
+        return 0
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[what] += n
+
+    def reject(self, url: str, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] += 1
+            if len(self.rejects) < MAX_LOGGED_REJECTS:
+                self.rejects.append({"url": url, "reason": reason})
+
+
+class MasklessDownloader(ImageDownloader):
+    """Fetch, validate and buffer; options come through the crawler's `extra_downloader_args`."""
+
+    def __init__(self, thread_num, signal, session, storage, *, options: dict, unit: dict,
+                 labels_for: Callable[[str], list[str]]):
+        super().__init__(thread_num, signal, session, storage)
+        self.options, self.unit, self.labels_for = options, unit, labels_for
+        o = options
+        self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"])
+
+    def download(self, task, default_ext, timeout=5, max_retry=3, overwrite=False, **kwargs) -> bool:
+        o, sink, url = self.options, self.storage, task["file_url"]
+        sink.count("found")
+        try:
+            body, final_url = fetch(self.session, url, timeout=o["timeout"], max_bytes=o["max_bytes"],
+                                    retries=o["retries"], backoff=o["backoff"], max_backoff=o["max_backoff"],
+                                    respect_noai=o["respect_noai"], limiter=self.limiter)
+            sink.count("downloaded")
+            sink.count("bytes", len(body))
+            img = clean_image(body, o["image_size"], o["jpeg_quality"], o["min_size"], o["max_pixels"])
+        except Rejected as e:
+            sink.reject(url, e.reason)
+            return False
+        except Exception as e:  # a bug or an unexpected library error must not kill the thread
+            logger.warning("unexpected error on %s: %r", url, e)
+            sink.reject(url, "error")
+            return False
+        meta = {
+            "labels": sorted(set(self.labels_for(url))), "width": img.width, "height": img.height,
+            "sha256": img.sha256, "phash": img.phash, "url": url, "engine": self.unit["engine"],
+            "query": self.unit["query"], "unit": self.unit["name"],
+            "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source_width": img.source_width, "source_height": img.source_height,
+            "source_format": img.source_format,
+        }
+        if final_url != url:
+            meta["final_url"] = final_url
+        key = img.sha256[:24]
+        new = sink.write(key, Sample(key=key, jpg=img.jpg, meta=meta))
+        if new and self.max_num and len(sink.samples) >= self.max_num:
+            self.signal.set(reach_max_num=True)
+        return new
+
+    def worker_exec(self, max_num, default_ext="jpg", queue_timeout=0.2, req_timeout=5, **kwargs):
+        """Take tasks until the parser has finished and the queue is empty, or the window is full.
+
+        Replaces icrawler's loop, which also quits after one idle poll once anything was fetched
+        (losing every image of a slow second result page)."""
+        self.max_num = max_num
+        while not self.signal.get("reach_max_num"):
+            try:
+                task = self.in_queue.get(timeout=queue_timeout)
+            except queue.Empty:
+                if self.signal.get("parser_exited"):
+                    break
+                continue
+            try:
+                self.download(task, default_ext)
+            finally:
+                self.in_queue.task_done()

@@ -1,0 +1,167 @@
+"""Work units and the icrawler feeder/parser pair behind each engine.
+
+A unit is one (engine, query, result window): the smallest piece of a crawl that is retried,
+resumed and written as one shard. Its name is a digest of what it fetches, so a rerun (or a Ray
+retry on another node) finds the same unit under the same name.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from urllib.parse import quote_plus
+
+from icrawler import Crawler
+from icrawler.builtin.baidu import BaiduFeeder, BaiduParser
+from icrawler.builtin.bing import BingFeeder, BingParser
+from icrawler.builtin.flickr import FlickrFeeder, FlickrParser
+from icrawler.builtin.google import GoogleFeeder, GoogleParser
+from icrawler.builtin.greedy import GreedyFeeder, GreedyParser
+from icrawler.builtin.urllist import PseudoParser
+from icrawler.feeder import UrlListFeeder
+
+from ingest.downloader import MasklessDownloader, UnitSink
+from ingest.safety import SafeAdapter
+
+ENGINES = ("bing", "baidu", "google", "flickr", "greedy", "urls", "local")
+FLICKR_SIZES = ["large", "medium 800", "medium 640", "large 1600", "original", "medium"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit. `rows` (urls engine only) are (url, labels) pairs, carried in the task."""
+
+    engine: str
+    label: str          # the class of a search query; "" for url lists (labels per row)
+    query: str
+    window: int
+    offset: int
+    count: int
+    rows: tuple = field(default=(), compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        ident = "\n".join([self.engine, self.label, self.query, str(self.offset), str(self.count)]
+                          + [u + "\t" + ",".join(ls) for u, ls in self.rows])
+        digest = hashlib.sha1(ident.encode()).hexdigest()[:10]
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", self.label or self.query)[:24].strip("_") or "list"
+        return f"{self.engine}-{slug}-{digest}-w{self.window:05d}"
+
+    def describe(self) -> dict:
+        return {"engine": self.engine, "class": self.label, "query": self.query, "window": self.window,
+                "offset": self.offset, "count": self.count, "name": self.name}
+
+
+class LocalBingFeeder(BingFeeder):
+    """Bing's feeder pointed at our loopback result server instead of bing.com."""
+
+    def feed(self, keyword, offset, max_num, base_url, filters=None):
+        for i in range(offset, offset + max_num, 20):
+            self.out_queue.put(f"{base_url}/images/async?q={quote_plus(keyword)}&first={i}")
+
+
+class FlickrPageFeeder(FlickrFeeder):
+    """One Flickr search page per unit (icrawler's feeder walks up to 40 pages, overlapping windows)."""
+
+    def feed(self, apikey, text, page, per_page):
+        self.out_queue.put("https://api.flickr.com/services/rest/?method=flickr.photos.search"
+                           f"&api_key={apikey}&format=json&nojsoncallback=1&text={quote_plus(text)}"
+                           f"&page={page}&per_page={per_page}")
+
+
+class TolerantGoogleParser(GoogleParser):
+    """Google's parser returns None when its pattern misses (upstream bug); treat that as no results."""
+
+    def parse(self, response):
+        return super().parse(response) or []
+
+
+def components(unit: Unit, local_base: str | None) -> tuple[type, type, dict, dict]:
+    """(feeder class, parser class, feeder kwargs, parser kwargs) for a unit."""
+    window = dict(keyword=unit.query, offset=unit.offset, max_num=unit.count)
+    if unit.engine == "bing":
+        return BingFeeder, BingParser, window, {}
+    if unit.engine == "local":
+        return LocalBingFeeder, BingParser, {**window, "base_url": local_base}, {}
+    if unit.engine == "baidu":
+        return BaiduFeeder, BaiduParser, window, {}
+    if unit.engine == "google":
+        return GoogleFeeder, TolerantGoogleParser, window, {}
+    if unit.engine == "flickr":
+        key = os.environ.get("FLICKR_APIKEY", "")
+        return (FlickrPageFeeder, FlickrParser,
+                dict(apikey=key, text=unit.query, page=unit.window + 1, per_page=unit.count),
+                dict(apikey=key, size_preference=FLICKR_SIZES))
+    if unit.engine == "greedy":
+        site = unit.query if unit.query.startswith("http") else "http://" + unit.query
+        return GreedyFeeder, GreedyParser, dict(domains=[site.rstrip("/")]), dict(domains=[site.rstrip("/")])
+    if unit.engine == "urls":
+        return UrlListFeeder, PseudoParser, dict(url_list=[u for u, _ in unit.rows]), {}
+    raise ValueError(f"unknown engine {unit.engine!r}; known: {', '.join(ENGINES)}")
+
+
+def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSink:
+    """Drive icrawler's feeder and parser with our downloader for one unit; returns what it got."""
+    feeder_cls, parser_cls, feeder_kw, parser_kw = components(unit, local_base)
+    sink = UnitSink()
+    by_url: dict[str, set] = {}
+    for url, labels in unit.rows:
+        by_url.setdefault(url, set()).update(labels)
+
+    def labels_for(url: str) -> list[str]:
+        return sorted(by_url.get(url, ())) if unit.engine == "urls" else [unit.label]
+
+    crawler = Crawler(feeder_cls, parser_cls, MasklessDownloader, downloader_threads=options["threads"],
+                      storage=sink, log_level=logging.CRITICAL,
+                      extra_downloader_args=dict(options=options, unit=unit.describe(), labels_for=labels_for))
+    session = crawler.session
+    session.headers.clear()
+    session.headers.update({"User-Agent": options["user_agent"], "Accept": "image/*,*/*;q=0.8"})
+    session.max_redirects = options["max_redirects"]
+    origins = [local_base.split("://", 1)[1]] if local_base else []
+    adapter = SafeAdapter(options["allow_private"], origins, pool_maxsize=max(10, options["threads"]),
+                          on_refused=lambda url, why: sink.count("requests_refused"))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+
+    signal = crawler.signal
+    signal.reset()
+    crawler.feeder.start(**feeder_kw)
+    crawler.parser.start(queue_timeout=0.2, req_timeout=options["timeout"], max_retry=options["retries"] + 1,
+                         **parser_kw)
+    # the window bound also stops engines whose feeders never finish (greedy)
+    crawler.downloader.start(max_num=unit.count, queue_timeout=0.2)
+    # icrawler's own loop polls once a second; a unit's tail is this poll, so poll faster
+    last, idle_since = -1, time.monotonic()
+    while crawler.downloader.is_alive():
+        if not crawler.feeder.is_alive():
+            signal.set(feeder_exited=True)
+        if not crawler.parser.is_alive():
+            signal.set(parser_exited=True)
+        found = sink.counts["found"]
+        if found != last:
+            last, idle_since = found, time.monotonic()
+        elif time.monotonic() - idle_since > options["unit_idle_timeout"]:
+            sink.count("idle_stops")  # nothing new for that long: a feeder that never ends, or a stuck site
+            signal.set(reach_max_num=True)
+        time.sleep(0.02)
+    signal.set(reach_max_num=True)
+    _drain(crawler)
+    return sink
+
+
+def _drain(crawler: Crawler, limit_s: float = 2.0) -> None:
+    """Unblock feeder/parser threads stuck putting into a full queue after an early stop, so a
+    long-lived Ray worker does not collect parked threads."""
+    end = time.monotonic() + limit_s
+    while (crawler.feeder.is_alive() or crawler.parser.is_alive()) and time.monotonic() < end:
+        for q in (crawler.feeder.out_queue, crawler.parser.out_queue):
+            try:
+                while True:
+                    q.get_nowait()
+            except Exception:
+                pass
+        time.sleep(0.02)
