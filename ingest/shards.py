@@ -125,7 +125,9 @@ class ShardWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         storage.write_bytes_atomic(base + ".parquet", buf.getvalue())
-        info = {"shard": self.name, "schema_version": SCHEMA_VERSION, "count": len(self._rows), **(stats or {})}
+        # the shard's own facts last: a caller's stats must not override them (a crawl unit's stats
+        # carry the window size it asked for under "count")
+        info = {**(stats or {}), "shard": self.name, "schema_version": SCHEMA_VERSION, "count": len(self._rows)}
         storage.write_json_atomic(base + ".stats.json", info)
         fs, final = storage.resolve(base + ".tar")
         if storage.is_local(fs):

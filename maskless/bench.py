@@ -1,4 +1,9 @@
-"""`maskless bench`: run every benchmark in bench/ (each a script that writes a JSON result) and print one table."""
+"""`maskless bench`: run every benchmark in bench/ and print one table.
+
+Each bench/NAME.py is a script that takes `--json PATH` and writes its result there: the figures,
+the machine and its own settings. This runner only executes them one after another (they measure
+throughput, so never in parallel) and flattens each JSON's numbers into rows.
+"""
 from __future__ import annotations
 
 import glob
@@ -12,7 +17,20 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 def available() -> list[str]:
     return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(BENCH_DIR, "*.py"))
-                  if not os.path.basename(p).startswith(("_", "common")))
+                  if not os.path.basename(p).startswith("_"))
+
+
+def flatten(obj, prefix: str = "", depth: int = 3) -> list[tuple[str, object]]:
+    """(dotted key, number or short string) for the scalar leaves of a JSON result."""
+    rows: list[tuple[str, object]] = []
+    if isinstance(obj, dict) and depth > 0:
+        for k, v in obj.items():
+            rows += flatten(v, f"{prefix}.{k}" if prefix else str(k), depth - 1)
+    elif isinstance(obj, bool) or obj is None:
+        pass
+    elif isinstance(obj, (int, float)):
+        rows.append((prefix, obj))
+    return rows
 
 
 def run_benchmarks(only: str | None = None, out: str = "bench/out") -> dict:
@@ -26,19 +44,19 @@ def run_benchmarks(only: str | None = None, out: str = "bench/out") -> dict:
     os.makedirs(out, exist_ok=True)
     results, failed = {}, []
     for name in chosen:
-        path = os.path.join(out, f"{name}.json")
+        path = os.path.abspath(os.path.join(out, f"{name}.json"))
         print(f"[maskless bench] {name} ...", flush=True)
-        proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, f"{name}.py"), "--json", path])
+        proc = subprocess.run([sys.executable, "-m", f"bench.{name}", "--json", path],
+                              cwd=os.path.dirname(BENCH_DIR))
         if proc.returncode != 0 or not os.path.exists(path):
             failed.append(name)
             continue
         with open(path) as f:
             results[name] = json.load(f)
-    print("\n| benchmark | metric | value | unit |\n|---|---|---|---|")
+    print("\n| benchmark | figure | value |\n|---|---|---|")
     for name, res in results.items():
-        for r in res["rows"]:
-            value = f"{r['value']:.4g}" if isinstance(r["value"], float) else r["value"]
-            print(f"| {name} | {r['metric']} | {value} | {r.get('unit', '')} |")
+        for key, value in flatten({k: v for k, v in res.items() if k != "machine"}):
+            print(f"| {name} | {key} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {key} | {value} |")
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
-    return {"results": {n: r["rows"] for n, r in results.items()}, "failed": failed, "out": out}
+    return {"out": out, "ran": sorted(results), "failed": failed}
