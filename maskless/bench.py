@@ -1,7 +1,7 @@
 """`maskless bench`: run every benchmark in bench/ and print one table.
 
-Each bench/NAME.py is a script that takes `--json PATH` and writes its result there: the figures,
-the machine and its own settings. This runner only executes them one after another (they measure
+Each bench/NAME.py is a module that takes `--json PATH` and writes its result there: the figures
+(as `rows` of metric/value, see bench/common.py, or as plain JSON numbers), the machine and its settings. This runner only executes them one after another (they measure
 throughput, so never in parallel) and flattens each JSON's numbers into rows.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 def available() -> list[str]:
     return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(BENCH_DIR, "*.py"))
-                  if not os.path.basename(p).startswith("_"))
+                  if not os.path.basename(p).startswith("_") and os.path.basename(p) != "common.py")
 
 
 def flatten(obj, prefix: str = "", depth: int = 3) -> list[tuple[str, object]]:
@@ -55,7 +55,9 @@ def run_benchmarks(only: str | None = None, out: str = "bench/out") -> dict:
             results[name] = json.load(f)
     print("\n| benchmark | figure | value |\n|---|---|---|")
     for name, res in results.items():
-        for key, value in flatten({k: v for k, v in res.items() if k != "machine"}):
+        rows = [(r["metric"], r["value"]) for r in res.get("rows", [])]  # bench.common.write_result's rows
+        rows += flatten({k: v for k, v in res.items() if k not in ("machine", "rows")})
+        for key, value in rows:
             print(f"| {name} | {key} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {key} | {value} |")
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)

@@ -39,6 +39,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         return
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     kwargs = {"_temp_dir": temp_dir} if temp_dir else {}
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
+    # address="local": always a new local instance, never a cluster some other process started here
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level,
              configure_logging=verbose, **kwargs)
     log.info("started local Ray with %d logical CPUs", cpus)

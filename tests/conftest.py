@@ -16,7 +16,7 @@ def ray_local(tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
     yield ray
     ray.shutdown()

@@ -1,0 +1,216 @@
+"""The stage-one classifier: a fully convolutional network whose class scores come from peaks.
+
+backbone (stride 32) -> 1x1 conv class-response head (with bias) -> bilinear upsampling x8
+(align_corners=True) -> peak stimulation -> class scores, as in PRM/WISE. The class response
+maps stay differentiable so the pseudo stage can back-propagate from a peak to the input.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import urllib.error
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from ingest import storage
+from pseudo.peak_stimulation import BACKWARD_MODES, peak_stimulation
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("resnet50", "resnet34", "resnet18", "tiny")
+CHECKPOINT_FORMAT = "maskless-classifier"
+CHECKPOINT_VERSION = 1
+EXPORT_NAME = "classifier.pt"
+
+_RESNET_WEIGHTS = {
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,  # the weights PRM and WISE started from
+    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+}
+
+
+def _tiny_backbone(norm: type[nn.Module]) -> nn.Sequential:
+    """Five stride-2 conv blocks (stride 32, 128 channels): for tests and CPU runs on small images."""
+    layers, cin = [], 3
+    for cout in (16, 32, 64, 128, 128):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True),
+                   nn.Conv2d(cout, cout, 3, padding=1, bias=False), norm(cout), nn.ReLU(inplace=True)]
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights for a backbone, from the torch hub cache or downloaded into it.
+
+    Raises FileNotFoundError (never falls back to random weights) when neither works.
+    """
+    if backbone not in _RESNET_WEIGHTS:
+        raise ValueError(f"backbone {backbone!r} has no ImageNet weights; use backbone_weights='none' "
+                         f"or a file, or one of {sorted(_RESNET_WEIGHTS)}")
+    weights = _RESNET_WEIGHTS[backbone]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        if os.path.exists(cached):
+            raise ValueError(f"cached ImageNet weights {cached} cannot be read ({e}): delete the file "
+                             f"and download it again, or pass backbone_weights=PATH") from e
+        raise FileNotFoundError(
+            f"ImageNet weights for {backbone} are not in the torch cache ({cached}) and could not be "
+            f"downloaded from {weights.url} ({e}). Put the file there, pass backbone_weights=PATH "
+            f"(--backbone-weights PATH), or backbone_weights='none' to train from scratch") from e
+
+
+def load_backbone_file(path: str) -> dict[str, torch.Tensor]:
+    """A torchvision-format backbone state dict (e.g. resnet50-0676ba61.pth) from a path or URI."""
+    if not storage.exists(path):
+        raise FileNotFoundError(f"backbone weights file {path} does not exist: pass an existing torchvision "
+                                f"state dict, 'imagenet', or 'none' to train from scratch")
+    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors (expected torchvision backbone weights)")
+    return state
+
+
+class PeakClassifier(nn.Module):
+    """Image-level multi-label classifier with peak-stimulated class scores.
+
+    frozen_bn=True uses FrozenBatchNorm2d (statistics and affine fixed, as when fine-tuning from
+    ImageNet); frozen_bn=False trains plain BatchNorm (from scratch, where frozen BN is a no-op).
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "resnet50", frozen_bn: bool = False,
+                 peak_backward: str = "prm", upsample: int = 8):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if peak_backward not in BACKWARD_MODES:
+            raise ValueError(f"peak_backward must be one of {BACKWARD_MODES}, got {peak_backward!r}")
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        if backbone == "tiny":
+            self.backbone = _tiny_backbone(norm)
+            channels = 128
+        else:
+            net = getattr(torchvision.models, backbone)(weights=None, norm_layer=norm)
+            self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                          net.layer1, net.layer2, net.layer3, net.layer4)
+            channels = net.fc.in_features
+        self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=True)
+        self.backbone_name, self.frozen_bn = backbone, frozen_bn
+        self.peak_backward, self.upsample = peak_backward, upsample
+
+    def load_backbone(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Load torchvision-format backbone weights (the classification fc is ignored)."""
+        if self.backbone_name == "tiny":
+            own = {k.removeprefix("backbone."): v for k, v in state.items()}
+        else:
+            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+            # torchvision names ResNet modules; our Sequential numbers them in the same order
+            own = {}
+            for k, v in state.items():
+                top, _, rest = k.partition(".")
+                if top in names:
+                    own[f"{names.index(top)}.{rest}"] = v
+        try:
+            result = self.backbone.load_state_dict(own, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{source} does not fit backbone {self.backbone_name}: {e}") from e
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{source} does not fit backbone {self.backbone_name}: missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                             f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}")
+
+    def class_response_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Class response maps [B, C, h, w] (h = H / 32 * 8), differentiable with respect to x."""
+        crm = self.head(self.backbone(x))
+        return F.interpolate(crm, scale_factor=self.upsample, mode="bilinear", align_corners=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores [B, C] (logits for a multi-label soft-margin loss)."""
+        return peak_stimulation(self.class_response_maps(x), backward=self.peak_backward)
+
+    def crm_to_input(self, yx: torch.Tensor, crm_hw: tuple[int, int], input_hw: tuple[int, int]) -> torch.Tensor:
+        """Input-pixel coordinates (float [K, 2]) of class-response-map coordinates yx [K, 2].
+
+        The maps are feature maps (one cell per `stride` input pixels, centred at stride * j + stride / 2)
+        upsampled with align_corners=True, so map index i sits at feature coordinate i (f - 1) / (h - 1).
+        """
+        out = []
+        for d in range(2):
+            h, size = crm_hw[d], input_hw[d]
+            f = h // self.upsample  # the feature map the head saw
+            stride = size / f
+            feat = yx[:, d].float() * ((f - 1) / (h - 1) if h > 1 else 0.0)
+            out.append(feat * stride + stride / 2)
+        return torch.stack(out, dim=1)
+
+    def model_config(self) -> dict[str, Any]:
+        return {"backbone": self.backbone_name, "frozen_bn": self.frozen_bn, "peak_backward": self.peak_backward,
+                "upsample": self.upsample, "num_classes": self.head.out_channels}
+
+
+def build_classifier(num_classes: int, backbone: str = "resnet50", backbone_weights: str = "imagenet",
+                     peak_backward: str = "prm") -> PeakClassifier:
+    """A PeakClassifier with its starting weights: 'imagenet' (torchvision, cached or downloaded),
+    a file path, or 'none' (from scratch, plain BatchNorm)."""
+    pretrained = backbone_weights.lower() != "none"
+    if pretrained and backbone_weights.lower() == "imagenet":
+        state, source = imagenet_state_dict(backbone), f"ImageNet weights of {backbone}"
+    elif pretrained:
+        state, source = load_backbone_file(backbone_weights), backbone_weights
+    model = PeakClassifier(num_classes, backbone, frozen_bn=pretrained, peak_backward=peak_backward)
+    if pretrained:
+        model.load_backbone(state, source)
+    return model
+
+
+def checkpoint_dict(model: PeakClassifier, classes: list[str], config: dict[str, Any]) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+            "model_config": model.model_config(), "classes": list(classes), "config": dict(config)}
+
+
+def save_classifier(model: PeakClassifier, classes: list[str], config: dict[str, Any], path: str) -> None:
+    """Write the exported classifier (weights, class list, config) atomically to a path or URI."""
+    if len(classes) != model.head.out_channels:
+        raise ValueError(f"{len(classes)} class names for a model with {model.head.out_channels} outputs")
+    buf = io.BytesIO()
+    torch.save(checkpoint_dict(model, classes, config), buf)
+    storage.write_bytes_atomic(path, buf.getvalue())
+
+
+def classifier_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> PeakClassifier:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{source} is not a maskless classifier checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{source}: classifier checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+    mc = ckpt["model_config"]
+    model = PeakClassifier(mc["num_classes"], mc["backbone"], frozen_bn=mc["frozen_bn"],
+                           peak_backward=mc["peak_backward"], upsample=mc["upsample"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def load_classifier(run_or_file: str) -> tuple[PeakClassifier, list[str], dict[str, Any]]:
+    """(model in eval mode on CPU, class names, training config) from a classify run folder or its
+    classifier.pt."""
+    path = run_or_file
+    if not run_or_file.endswith(".pt"):
+        path = storage.join(run_or_file, EXPORT_NAME)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no classifier at {path}: pass a finished `maskless classify` run folder "
+                                f"or its {EXPORT_NAME}")
+    ckpt = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    model = classifier_from_checkpoint(ckpt, path)
+    model.eval()
+    return model, list(ckpt["classes"]), dict(ckpt["config"])

@@ -1,0 +1,459 @@
+"""`maskless classify`: train the peak-stimulation classifier on image-level labels with Ray Train.
+
+Data streams from the shards (labels from each sample's `json`), split into train and held-out by a
+hash of the sample key. Every epoch ends with a checkpoint; a worker failure restarts the worker
+group from the latest checkpoint, and rerunning with the same `out` after a driver crash continues
+the run (Ray Train keeps its checkpoint list under OUT/ray).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import transforms
+
+from ingest import shards, storage
+from pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
+                               checkpoint_dict, save_classifier)
+from pseudo.peak_stimulation import BACKWARD_MODES
+
+log = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "ray"
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+RUN_FILE = "run.json"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# settings a rerun into an existing run folder must share with it (the rest, e.g. epochs, may change)
+RUN_IDENTITY = ("data", "val_data", "val_fraction", "backbone", "backbone_weights", "peak_backward")
+# lower Ray Train's fixed cost per fit (measured in NOTES-2-cores.md: ~16 s -> ~12.5 s); the
+# trainer forwards these from the driver's environment to its controller and workers
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@dataclass
+class ClassifyConfig:
+    data: str = field(default="", metadata={"help": "shard dataset with image-level labels (json `labels`)"})
+    out: str = field(default="", metadata={"help": "run folder: checkpoints, metrics.jsonl, classifier.pt"})
+    val_data: Optional[str] = field(default=None, metadata={
+        "help": "held-out shards; when set, all of --data trains and --val-fraction is unused"})
+    val_fraction: float = field(default=0.1, metadata={"help": "fraction of --data held out (by key hash)"})
+    backbone: str = field(default="resnet50", metadata={"help": "backbone network", "choices": list(BACKBONES)})
+    backbone_weights: str = field(default="imagenet", metadata={
+        "help": "'imagenet' (torchvision weights, torch hub cache), a weights file, or 'none' (from scratch)"})
+    epochs: int = field(default=20, metadata={"help": "training epochs"})
+    steps_per_epoch: Optional[int] = field(default=None, metadata={
+        "help": "optimizer steps per epoch (default: one pass over the training split)"})
+    batch_size: int = field(default=16, metadata={"help": "images per step on each worker"})
+    lr: float = field(default=0.01, metadata={"help": "SGD learning rate of the class-response head"})
+    backbone_lr_scale: Optional[float] = field(default=None, metadata={
+        "help": "backbone lr = lr x this (default 0.01 from pretrained weights, as PRM; 1 from scratch)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay"})
+    image_size: int = field(default=448, metadata={"help": "training and evaluation image side (pixels)"})
+    crop_scale: float = field(default=0.5, metadata={
+        "help": "smallest image-area fraction of a random resized crop (1 = flips only)"})
+    balanced: bool = field(default=False, metadata={
+        "help": "class-balanced sampling (rare classes repeated, frequent ones thinned)"})
+    peak_backward: str = field(default="prm", metadata={
+        "help": "peak stimulation gradient: prm (unscaled, PRM's code) or mean (exact)",
+        "choices": list(BACKWARD_MODES)})
+    workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel processes)"})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
+    use_gpu: Optional[bool] = field(default=None, metadata={"help": "one GPU per worker (default: when present)"})
+    loader_workers: int = field(default=0, metadata={"help": "image-decoding processes per worker"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the latest checkpoint"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "epoch checkpoints kept under OUT/ray"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    fail_at_epoch: Optional[int] = field(default=None, metadata={
+        "cli": False, "help": "failure injection for tests: raise once at the start of this (0-based) epoch"})
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("classify needs --data: a shard dataset with image-level labels")
+        if not self.out:
+            raise ValueError("classify needs --out: the run folder")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.backbone == "tiny" and self.backbone_weights.lower() == "imagenet":
+            raise ValueError("the tiny backbone has no ImageNet weights: use --backbone-weights none")
+        if self.peak_backward not in BACKWARD_MODES:
+            raise ValueError(f"--peak-backward must be one of {', '.join(BACKWARD_MODES)}")
+        if self.val_data is None and not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction} (or pass --val-data)")
+        for name in ("epochs", "batch_size", "workers", "image_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.image_size % 32:
+            raise ValueError(f"--image-size must be a multiple of 32 (the backbone stride), got {self.image_size}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
+        if not 0.0 < self.crop_scale <= 1.0:
+            raise ValueError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if self.lr <= 0 or (self.backbone_lr_scale is not None and self.backbone_lr_scale < 0):
+            raise ValueError("--lr must be > 0 and --backbone-lr-scale >= 0")
+        if self.cpus_per_worker <= 0 or self.loader_workers < 0 or self.max_failures < -1:
+            raise ValueError("--cpus-per-worker must be > 0, --loader-workers >= 0, --max-failures >= -1")
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """The held-out split: a fixed hash of the sample key, so every run and stage agrees on it."""
+    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
+    return h / 2.0 ** 64 < fraction
+
+
+def dataset_classes(root: str) -> list[str]:
+    """The class list: dataset.json `classes` when the dataset is finished, else the sorted union of labels."""
+    if storage.exists(storage.join(root, shards.DATASET_FILE)):
+        classes = list(shards.read_dataset_info(root)["classes"])
+    else:
+        classes = sorted({l for labels in shards.read_manifest(root).column("labels").to_pylist() for l in labels})
+    if not classes:
+        raise ValueError(f"{root} has no labelled samples: the classifier needs image-level labels (json `labels`)")
+    return classes
+
+
+def _split_counts(root: str, classes: list[str], fraction: float | None, held_out: bool) -> dict[str, Any]:
+    """Samples and per-class counts of one side of the split, from the manifests (no image decoding)."""
+    table = shards.read_manifest(root)
+    known = set(classes)
+    counts, n, unlabelled = dict.fromkeys(classes, 0), 0, 0
+    for key, labels in zip(table.column("key").to_pylist(), table.column("labels").to_pylist()):
+        if fraction is not None and is_held_out(key, fraction) != held_out:
+            continue
+        labels = [l for l in labels if l in known]
+        if not labels:
+            unlabelled += 1
+            continue
+        n += 1
+        for l in set(labels):
+            counts[l] += 1
+    return {"samples": n, "unlabelled": unlabelled, "class_counts": counts}
+
+
+def sample_weights_fn(class_counts: dict[str, int]):
+    """Class-balanced repeat weight of a sample: mean of 1/frequency over its labels, normalised so that
+    the expected number of samples per pass is unchanged.
+
+    Shards are streamed, not indexed, so a WeightedRandomSampler cannot be used: instead each sample is
+    emitted floor(w) times plus once more with probability frac(w).
+    """
+    inv = {c: 1.0 / n for c, n in class_counts.items() if n > 0}
+    total = sum(class_counts.values())
+    # sum over samples of mean(1/f) equals the number of classes present for single-label data
+    norm = total / max(len(inv), 1) if total else 1.0
+    return lambda labels: norm * float(np.mean([inv[l] for l in labels]))
+
+
+class ShardStream(IterableDataset):
+    """Samples of a shard dataset as (image tensor, multi-hot target).
+
+    train=True: an endless, shuffled stream of the training side, partitioned across (rank, loader
+    worker) by shard when there are enough shards, else by key hash; DDP needs every rank to take the
+    same number of steps, so the loop takes a fixed number of batches from an endless stream rather
+    than exhausting uneven partitions. train=False: one ordered pass (rank 0 evaluates).
+    """
+
+    def __init__(self, root: str, classes: list[str], fraction: float | None, held_out: bool, transform,
+                 train: bool, seed: int = 0, rank: int = 0, world: int = 1, weights: dict[str, int] | None = None,
+                 shuffle_buffer: int = 256):
+        self.root, self.classes, self.fraction, self.held_out = root, classes, fraction, held_out
+        self.transform, self.train, self.seed, self.rank, self.world = transform, train, seed, rank, world
+        self.weight = sample_weights_fn(weights) if weights else None
+        self.shuffle_buffer = shuffle_buffer
+        self.index = {c: i for i, c in enumerate(classes)}
+
+    def _labelled(self, shard_list: list[str], part: int, parts: int, by_key: bool) -> Iterator[tuple[shards.Sample, list]]:
+        for shard in shard_list:
+            for s in shards.read_shard(shard):
+                if self.fraction is not None and is_held_out(s.key, self.fraction) != self.held_out:
+                    continue
+                if by_key and int(hashlib.sha1(s.key.encode()).hexdigest()[-8:], 16) % parts != part:
+                    continue
+                labels = [l for l in s.labels if l in self.index]
+                if labels:
+                    yield s, labels
+
+    def _item(self, s: shards.Sample, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        target = torch.zeros(len(self.classes))
+        target[[self.index[l] for l in labels]] = 1.0
+        return self.transform(s.image()), target
+
+    def __iter__(self):
+        all_shards = shards.list_shards(self.root)
+        if not self.train:
+            for s, labels in self._labelled(all_shards, 0, 1, False):
+                yield self._item(s, labels)
+            return
+        info = get_worker_info()
+        n_loader, loader_id = (info.num_workers, info.id) if info else (1, 0)
+        parts, part = self.world * n_loader, self.rank * n_loader + loader_id
+        rng = random.Random(f"{self.seed}-{part}")
+        by_shard = len(all_shards) >= parts
+        mine, by_key = (all_shards[part::parts], False) if by_shard else (all_shards, parts > 1)
+        buffer: list = []
+        while True:
+            emitted = 0
+            for s, labels in self._labelled(rng.sample(mine, len(mine)), part, parts, by_key):
+                repeats = 1
+                if self.weight is not None:
+                    w = self.weight(labels)
+                    repeats = int(w) + (rng.random() < w - int(w))
+                for _ in range(repeats):
+                    emitted += 1
+                    buffer.append((s, labels))
+                    if len(buffer) >= self.shuffle_buffer:
+                        yield self._item(*buffer.pop(rng.randrange(len(buffer))))
+            if emitted == 0:
+                if len(mine) == len(all_shards) and not by_key:
+                    raise ValueError(f"{self.root}: no labelled training samples to stream")
+                # this partition holds no training sample (tiny data): stream the whole training side
+                mine, by_key = all_shards, False
+                continue
+            while len(buffer) > min(self.shuffle_buffer, emitted) // 2:
+                yield self._item(*buffer.pop(rng.randrange(len(buffer))))
+
+
+def train_transform(size: int, crop_scale: float):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(crop_scale, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(size: int):
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Non-interpolated AP of one class (mean precision at each positive, ties ranked pessimistically
+    by stable sort); NaN when the class has no positive. Hand-written: scikit-learn is not a dependency."""
+    positives = targets.sum()
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    hits = targets[order] > 0
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].sum() / positives)
+
+
+def classification_metrics(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    ap = {c: average_precision(scores[:, i], targets[:, i]) for i, c in enumerate(classes)}
+    valid = [v for v in ap.values() if not math.isnan(v)]
+    return {"map": float(np.mean(valid)) if valid else float("nan"), "ap": ap}
+
+
+@torch.no_grad()
+def evaluate(model: PeakClassifier, loader, classes: list[str], device) -> dict[str, Any]:
+    """Held-out loss, per-class AP and mAP of the classification scores."""
+    model.eval()
+    all_scores, all_targets = [], []
+    for x, y in loader:
+        all_scores.append(model(x.to(device)).float().cpu())
+        all_targets.append(y)
+    if not all_scores:
+        return {"val_samples": 0}
+    scores, targets = torch.cat(all_scores), torch.cat(all_targets)
+    out = classification_metrics(scores.numpy(), targets.numpy(), classes)
+    out["val_loss"] = float(F.multilabel_soft_margin_loss(scores, targets))
+    out["val_samples"] = len(targets)
+    return out
+
+
+def _json_safe(record: dict) -> dict:
+    """NaN (AP of a class without held-out positives) as null, so the files are strict JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def _append_metrics(out: str, record: dict, start_epoch: int) -> None:
+    """Rewrite metrics.jsonl atomically with the new record, dropping records of epochs being redone."""
+    path = storage.join(out, METRICS_FILE)
+    lines = storage.read_bytes(path).decode().splitlines() if storage.exists(path) else []
+    kept = [l for l in lines if l.strip() and json.loads(l).get("epoch", -1) < start_epoch]
+    kept.append(json.dumps(_json_safe(record)))
+    storage.write_bytes_atomic(path, ("\n".join(kept) + "\n").encode())
+
+
+def _optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
+    scale = lc["backbone_lr_scale"]
+    if scale is None:
+        scale = 0.01 if model.frozen_bn else 1.0
+    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lc["lr"] * scale},
+              {"params": list(model.head.parameters()), "lr": lc["lr"]}]
+    return torch.optim.SGD(groups, lr=lc["lr"], momentum=lc["momentum"], weight_decay=lc["weight_decay"])
+
+
+def train_loop(lc: dict) -> None:
+    """Ray Train worker loop (one per worker)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(lc["seed"])  # same initial weights everywhere (DDP also broadcasts rank 0's)
+    classes = lc["classes"]
+    model = build_classifier(len(classes), lc["backbone"], lc["backbone_weights"], lc["peak_backward"])
+    state, start_epoch = None, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        if state["classes"] != classes or state["model_config"] != model.model_config():
+            raise ValueError(f"the checkpoint in {lc['out']} is for classes {state['classes']} / "
+                             f"{state['model_config']}: use a new --out for a different run")
+        model.load_state_dict(state["model"])
+        start_epoch = state["epoch"]
+    device = ray.train.torch.get_device()
+    ddp = ray.train.torch.prepare_model(model)
+    net: PeakClassifier = getattr(ddp, "module", ddp)
+    optimizer = _optimizer(net, lc)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    steps = lc["steps_per_epoch"] or max(1, math.ceil(lc["train_samples"] / (lc["batch_size"] * world)))
+    val_data = lc["val_data"] or lc["data"]
+    fraction = None if lc["val_data"] else lc["val_fraction"]  # None: --val-data holds the held-out split
+    if rank == 0:
+        log.info("classify: epochs %d..%d, %d steps/epoch on %d worker(s)", start_epoch, lc["epochs"], steps, world)
+
+    for epoch in range(start_epoch, lc["epochs"]):
+        if lc["fail_at_epoch"] == epoch and start_epoch < epoch:
+            raise RuntimeError(f"injected failure at the start of epoch {epoch} (fail_at_epoch)")
+        t0 = time.time()
+        stream = ShardStream(lc["data"], classes, fraction, False,
+                             train_transform(lc["image_size"], lc["crop_scale"]), train=True,
+                             seed=lc["seed"] * 100003 + epoch, rank=rank, world=world,
+                             weights=lc["class_counts"] if lc["balanced"] else None)
+        loader = DataLoader(stream, batch_size=lc["batch_size"], num_workers=lc["loader_workers"])
+        ddp.train()
+        batches = iter(loader)
+        loss_sum = torch.zeros(2, device=device)
+        for _ in range(steps):
+            x, y = next(batches)
+            loss = F.multilabel_soft_margin_loss(ddp(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=device)])
+        del batches, loader
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(loss_sum)
+        train_time = time.time() - t0
+        metrics: dict[str, Any] = {"epoch": epoch, "attempt_start_epoch": start_epoch, "steps": steps,
+                                   "loss": float(loss_sum[0] / loss_sum[1]),
+                                   "images_per_s": float(loss_sum[1]) / train_time, "train_time_s": train_time}
+        if rank == 0:
+            val = ShardStream(val_data, classes, fraction, True, eval_transform(lc["image_size"]), train=False)
+            result = evaluate(net, DataLoader(val, batch_size=lc["batch_size"]), classes, device)
+            metrics.update({k: v for k, v in result.items() if k != "ap"})
+            metrics.update({f"ap/{c}": v for c, v in result.get("ap", {}).items()})
+            _append_metrics(lc["out"], {**metrics, "time": time.time()}, epoch)
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = checkpoint_dict(net, classes, lc["run_config"])
+                ckpt.update(epoch=epoch + 1, optimizer=optimizer.state_dict())
+                torch.save(ckpt, os.path.join(d, STATE_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        else:
+            ray.train.report(metrics)
+
+
+def _check_run_folder(cfg: ClassifyConfig, classes: list[str]) -> None:
+    """A rerun into an existing run folder continues it; a different run there is an error."""
+    path = storage.join(cfg.out, RUN_FILE)
+    identity = {k: getattr(cfg, k) for k in RUN_IDENTITY}
+    if storage.exists(path):
+        previous = storage.read_json(path)
+        diff = [k for k in RUN_IDENTITY if previous["config"].get(k) != identity[k]]
+        if previous["classes"] != classes:
+            diff.append("classes")
+        if diff:
+            raise ValueError(f"{cfg.out} holds a classify run with different {', '.join(diff)}: "
+                             f"rerun with the same settings to continue it, or use a new --out")
+        return
+    storage.write_json_atomic(path, {"config": dataclasses.asdict(cfg), "classes": classes})
+
+
+def run_classify(cfg: ClassifyConfig) -> dict:
+    """Train (or continue training) the classifier; writes OUT/classifier.pt, metrics.jsonl, summary.json.
+
+    Assumes Ray is initialized by the caller."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg.validate()
+    for root in [cfg.data] + ([cfg.val_data] if cfg.val_data else []):
+        if not shards.list_shards(root):
+            raise FileNotFoundError(f"no complete shards in {root}: run the crawl or import stage first")
+    classes = dataset_classes(cfg.data)
+    fraction = None if cfg.val_data else cfg.val_fraction
+    train_counts = _split_counts(cfg.data, classes, fraction, held_out=False)
+    val_counts = _split_counts(cfg.val_data or cfg.data, classes, fraction, held_out=True)
+    if train_counts["samples"] == 0:
+        raise ValueError(f"{cfg.data} has no labelled training samples (after holding out {cfg.val_fraction})")
+    if val_counts["samples"] == 0:
+        log.warning("classify: the held-out split is empty; no mAP will be measured")
+    if cfg.backbone_weights.lower() not in ("imagenet", "none") and not storage.exists(cfg.backbone_weights):
+        raise FileNotFoundError(f"backbone weights file {cfg.backbone_weights} does not exist: pass an existing "
+                                f"file, 'imagenet', or 'none' to train from scratch")
+    storage.makedirs(cfg.out)
+    _check_run_folder(cfg, classes)
+    for k, v in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
+
+    use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+    run_config = dataclasses.asdict(cfg)
+    loop_config = {**run_config, "classes": classes, "train_samples": train_counts["samples"],
+                   "class_counts": train_counts["class_counts"], "run_config": run_config}
+    fs, out_path = storage.resolve(cfg.out)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RAY_RUN_NAME, storage_path=out_path, storage_filesystem=None if storage.is_local(fs) else fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"classify finished without a checkpoint in {cfg.out}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model = classifier_from_checkpoint(state, result.checkpoint.path)
+    export = storage.join(cfg.out, EXPORT_NAME)
+    save_classifier(model, classes, run_config, export)
+    metrics_path = storage.join(cfg.out, METRICS_FILE)
+    history = [json.loads(l) for l in storage.read_bytes(metrics_path).decode().splitlines() if l.strip()]
+    last = history[-1] if history else {}
+    summary = {
+        "stage": "classify", "out": cfg.out, "classifier": export, "classes": classes,
+        "epochs_done": state["epoch"], "train": train_counts, "held_out": val_counts,
+        "device": "gpu" if use_gpu else "cpu", "workers": cfg.workers, "fit_time_s": round(time.time() - t0, 2),
+        "final": _json_safe({k: v for k, v in last.items() if k != "time"}),
+        "checkpoint": result.checkpoint.path, "config": run_config,
+    }
+    storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
+    return summary

@@ -1,0 +1,160 @@
+"""Stage-one classifier: peak stimulation by hand, training on Ray Train with a failure and a rerun."""
+import json
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+from pseudo.classifier import PeakClassifier, build_classifier, load_classifier, save_classifier
+from pseudo.peak_stimulation import find_peaks, peak_map, peak_stimulation
+
+# 3x3 map: (0,1)=3 is a peak; (1,2)=3 ties with it inside its window and loses (first index wins);
+# (2,0)=2 is a peak; median of the map is 1, so both peaks stay. Score = (3 + 2) / 2.
+MAP_A = [[1.0, 3.0, 2.0],
+         [0.0, 1.0, 3.0],
+         [2.0, 0.0, 1.0]]
+# 1x5 map: peaks at 0 (2) and 4 (7); the median is 5, so only 7 stays.
+MAP_B = [[2.0, 1.0, 5.0, 6.0, 7.0]]
+
+
+def test_peak_stimulation_forward_matches_hand_computation():
+    a = torch.tensor(MAP_A)[None, None]
+    assert peak_map(a, median_filter=False)[0, 0].nonzero().tolist() == [[0, 1], [2, 0]]
+    assert peak_stimulation(a).item() == pytest.approx(2.5)
+    b = torch.tensor(MAP_B)[None, None]
+    assert peak_map(b, median_filter=False)[0, 0].nonzero().tolist() == [[0, 0], [0, 4]]
+    assert peak_map(b)[0, 0].nonzero().tolist() == [[0, 4]]
+    assert peak_stimulation(b).item() == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("mode,peak_grad", [("prm", 2.0), ("mean", 1.0)])
+def test_peak_stimulation_backward_matches_hand_computation(mode, peak_grad):
+    # L = 2 * score: PRM's rule gives dL/dpeak = 2 at both peaks; the exact mean gives 2 / 2
+    a = torch.tensor(MAP_A)[None, None].requires_grad_()
+    (2.0 * peak_stimulation(a, backward=mode)).sum().backward()
+    expected = torch.zeros(3, 3)
+    expected[0, 1] = expected[2, 0] = peak_grad
+    assert torch.equal(a.grad[0, 0], expected)
+
+
+def test_find_peaks_absolute_and_relative_thresholds():
+    a = torch.tensor(MAP_A)[None, None]
+    coords, values = find_peaks(a, threshold=2.0)
+    assert coords.tolist() == [[0, 0, 0, 1], [0, 0, 2, 0]] and values.tolist() == [3.0, 2.0]
+    coords, _ = find_peaks(a, relative_threshold=0.8)  # >= 2.4
+    assert coords.tolist() == [[0, 0, 0, 1]]
+    neg = -torch.tensor(MAP_A)[None, None] - 10  # all negative: the maximum itself must survive r = 1
+    coords, _ = find_peaks(neg, relative_threshold=1.0)
+    assert len(coords) == 1
+
+
+def test_model_shapes_and_class_response_maps_are_differentiable():
+    model = PeakClassifier(3, backbone="tiny").eval()  # eval: BatchNorm must not mix the two images
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    crm = model.class_response_maps(x)
+    assert crm.shape == (2, 3, 16, 16) and model(x).shape == (2, 3)
+    # a 2x2 feature map (cells centred at 16 and 48 px) upsampled to 16x16: its ends map to the centres
+    corners = model.crm_to_input(torch.tensor([[0, 15], [15, 0]]), (16, 16), (64, 64))
+    assert corners.tolist() == [[16.0, 48.0], [48.0, 16.0]]
+    crm[0, 1, 5, 5].backward()
+    assert x.grad is not None and x.grad[0].abs().sum() > 0 and x.grad[1].abs().sum() == 0
+
+
+def test_class_list_round_trips(tmp_path):
+    model = PeakClassifier(3, backbone="tiny").eval()
+    classes = ["zebra", "apple", "moon"]  # not sorted: the order is the model's output order
+    save_classifier(model, classes, {"lr": 0.5}, str(tmp_path / "classifier.pt"))
+    loaded, got, config = load_classifier(str(tmp_path))
+    assert got == classes and config == {"lr": 0.5}
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="class names"):
+        save_classifier(model, classes[:2], {}, str(tmp_path / "bad.pt"))
+    with pytest.raises(FileNotFoundError, match="no classifier"):
+        load_classifier(str(tmp_path / "nowhere"))
+
+
+def test_missing_weights_are_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_classifier(3, "resnet18", str(tmp_path / "missing.pth"))
+    # ImageNet weights with an empty hub cache and no network: an error naming the fixes, never random weights
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError, match="backbone_weights='none'"):
+        build_classifier(3, "resnet18", "imagenet")
+    # a weights file that does not fit the backbone
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        build_classifier(3, "resnet18", str(tmp_path / "wrong.pth"))
+
+
+def test_average_precision_and_balanced_weights_by_hand():
+    from pseudo.classify import average_precision, is_held_out, sample_weights_fn
+
+    # positives ranked 1st and 3rd: precisions 1/1 and 2/3
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0])) == pytest.approx(5 / 6)
+    assert np.isnan(average_precision(np.array([0.5]), np.array([0])))
+    # 30 'a' and 10 'b' single-label images: a weighs 2/3, b weighs 2, so each class is expected
+    # 20 times per pass and the pass keeps its length (40)
+    weight = sample_weights_fn({"a": 30, "b": 10})
+    assert weight(["a"]) == pytest.approx(2 / 3) and weight(["b"]) == pytest.approx(2.0)
+    assert weight(["a", "b"]) == pytest.approx((2 / 3 + 2) / 2)
+    keys = [f"img{i}" for i in range(2000)]
+    held = [k for k in keys if is_held_out(k, 0.2)]
+    assert held == [k for k in keys if is_held_out(k, 0.2)] and 300 < len(held) < 500
+
+
+def test_shard_stream_split_and_partitions(world_shards):
+    from itertools import islice
+
+    from pseudo.classify import ShardStream, eval_transform
+
+    classes, tf = world_shards["classes"], eval_transform(32)
+    n = {side: sum(1 for _ in ShardStream(world_shards["train"], classes, 0.3, side, tf, train=False))
+         for side in (True, False)}
+    assert n[True] > 0 and n[False] > 0 and n[True] + n[False] == 18  # the key-hash split is a partition
+    # the val split is one shard of 6: two ranks split it by key hash, and each stream is endless
+    for rank in (0, 1):
+        stream = ShardStream(world_shards["val"], classes, None, False, tf, train=True, rank=rank, world=2,
+                             weights={c: 1 + i for i, c in enumerate(classes)})
+        items = list(islice(iter(stream), 20))
+        assert len(items) == 20 and all(x.shape == (3, 32, 32) and y.sum() >= 1 for x, y in items)
+
+
+def _records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def test_two_worker_training_survives_a_failure_and_a_rerun(ray_local, world_shards, tmp_path):
+    from pseudo.classify import ClassifyConfig, run_classify
+
+    out = str(tmp_path / "run")
+    cfg = dict(data=world_shards["train"], val_data=world_shards["val"], out=out, backbone="tiny",
+               backbone_weights="none", image_size=64, batch_size=4, steps_per_epoch=2, workers=2)
+    # a worker error at the start of epoch 1: Ray restarts the workers from the epoch-0 checkpoint
+    summary = run_classify(ClassifyConfig(**cfg, epochs=2, fail_at_epoch=1, max_failures=1))
+    assert summary["epochs_done"] == 2 and summary["classes"] == world_shards["classes"]
+    assert [(r["epoch"], r["attempt_start_epoch"]) for r in _records(out)] == [(0, 0), (1, 1)]
+    assert sorted(n for n in os.listdir(os.path.join(out, "ray")) if n.startswith("epoch_")) == [
+        "epoch_0001", "epoch_0002"]
+    assert 0.0 <= summary["final"]["map"] <= 1.0 and summary["held_out"]["samples"] == 6
+
+    # a rerun of the same run (as after a driver crash) continues from its latest checkpoint, here
+    # on one worker: the checkpoint does not depend on the number of workers
+    summary = run_classify(ClassifyConfig(**{**cfg, "workers": 1}, epochs=3))
+    assert summary["epochs_done"] == 3
+    assert [(r["epoch"], r["attempt_start_epoch"]) for r in _records(out)] == [(0, 0), (1, 1), (2, 2)]
+    model, classes, config = load_classifier(out)
+    assert classes == world_shards["classes"] and config["epochs"] == 3
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, len(classes))
+
+    # a different run into the same folder is refused before anything is overwritten
+    with pytest.raises(ValueError, match="different backbone"):
+        run_classify(ClassifyConfig(**{**cfg, "backbone": "resnet18"}, epochs=3))
