@@ -148,7 +148,7 @@ def import_voc(root: str, out: str, split: str = "val", shard_size: int = 500) -
                 w.write(read_sample(root, image_id, names))
         written += 1
     info = shards.write_dataset_info(out, names, stage="import-voc", source=root, split=split)
-    log.info("imported %d images of %s/%s into %s (%d shards written, %d already there)",
+    log.info("imported %d images of %s (split %s) into %s (%d shards written, %d already there)",
              info["samples"], root, split, out, written, skipped)
     return {"out": out, "images": info["samples"], "classes": names, "shards_written": written,
             "shards_skipped": skipped}

@@ -1,8 +1,9 @@
 """`maskless bench`: run every benchmark in bench/ and print one table.
 
 Each bench/NAME.py is a module that takes `--json PATH` and writes its result there: the figures
-(as `rows` of metric/value, see bench/common.py, or as plain JSON numbers), the machine and its settings. This runner only executes them one after another (they measure
-throughput, so never in parallel) and flattens each JSON's numbers into rows.
+(as `rows` of metric/value, see bench/common.py, or as plain JSON numbers), the machine and its
+settings. This runner executes them one after another (they measure throughput, so never in
+parallel) and prints their numbers as one table.
 """
 from __future__ import annotations
 

@@ -79,19 +79,18 @@ class Pipeline:
         marker = self.path("stages", f"{name}.json")
         if storage.exists(marker):
             record = storage.read_json(marker)
-            log.info("stage %-10s done earlier (%.0f s)", name, record["seconds"])
+            log.info("stage %-10s done earlier (%.0f s), skipped", name, record["seconds"])
             self.times[name] = 0.0
             self.results[name] = record["result"]
             return record["result"]
         log.info("stage %-10s ...", name)
-        print(f"[maskless run] {name} ...", flush=True)
         t0 = time.time()
         result = fn()
         seconds = time.time() - t0
         storage.write_json_atomic(marker, {"stage": name, "seconds": seconds, "result": result})
         self.times[name] = seconds
         self.results[name] = result
-        print(f"[maskless run] {name} done in {seconds:.0f} s", flush=True)
+        log.info("stage %-10s done in %.0f s", name, seconds)
         return result
 
 

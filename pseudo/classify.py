@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 from ingest import shards, storage
+from ingest.resources import has_gpus
 from pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, save_classifier)
 from pseudo.peak_stimulation import BACKWARD_MODES
@@ -421,7 +422,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     for k, v in RAY_TRAIN_ENV.items():
         os.environ.setdefault(k, v)
 
-    use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+    use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     run_config = dataclasses.asdict(cfg)
     loop_config = {**run_config, "classes": classes, "train_samples": train_counts["samples"],
                    "class_counts": train_counts["class_counts"], "run_config": run_config}
