@@ -1,0 +1,217 @@
+"""Bench: pseudo masks on the synthetic world: fidelity per proposal source and rule, and throughput.
+
+1. Fidelity table (in-process, no Ray): for each peak response rule (prm, gradient), proposal source
+   (selective search, superpixel merging) x objectness proxy (stability, contrast) and proposal rule
+   (prm retrieval, wise), the pseudo masks of the first --images images are scored against gt.json:
+   ABO (same-class), instance precision and recall at IoU 0.5, semantic mIoU (pseudo/fidelity.py).
+   Peak responses are computed once per response rule and proposals once per source, then reused.
+   Oracle rows: each gt instance takes its best proposal (an upper bound on any rule; the recall
+   column is then the fraction of instances with a proposal at IoU >= 0.5, and pseudo/gt counts
+   proposals per image set).
+2. Throughput: `run_pseudo` over the same images re-sharded by --shard-size, with 1 and 2 CPU actors;
+   images/s from the first shard's start to the last shard's commit (the shards' stats), the same
+   with Ray Data and actor start-up included, and per actor while busy (proposals + masking); the
+   1 -> 2 actor scaling efficiency = throughput(2) / (2 x throughput(1)) on the first-to-last figure.
+
+    .venv/bin/python -m bench.pseudo --classifier RUN --data SHARDS_WITH_GT [--images 60] [--out /tmp/bench-pseudo]
+Without --classifier, a world is built and a tiny classifier trained first (bench/classifier.py does
+the same with its own figures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ingest import shards
+from pseudo.classifier import load_classifier
+from pseudo.fidelity import FidelityAccumulator, image_size
+from pseudo.instances import MaskerOptions, PseudoMasker
+from pseudo.proposals import SCORES, SOURCES, make_source
+from pseudo.retrieval import RetrievalOptions
+from pseudo.stage import PseudoConfig, run_pseudo
+
+
+def fidelity_table(run: str, samples: list[shards.Sample]) -> list[dict]:
+    model, classes, train_config = load_classifier(run)
+    images = [np.asarray(s.image()) for s in samples]
+    sources = {(name, score): make_source(name, score) for name in SOURCES for score in SCORES}
+    proposals, prop_time = {}, {}
+    for key, src in sources.items():
+        t = time.time()
+        proposals[key] = [src(im) for im in images]
+        prop_time[key] = (time.time() - t) / len(images)
+    rows = []
+    for key, props in proposals.items():
+        rows.append({"response": "-", "source": key[0], "objectness": key[1], "rule": "oracle (best considered)",
+                     **_oracle(samples, props, True), "s_per_image": prop_time[key]})
+        rows.append({"response": "-", "source": key[0], "objectness": key[1], "rule": "oracle (best of all)",
+                     **_oracle(samples, props, False), "s_per_image": prop_time[key]})
+    for response in ("prm", "gradient"):
+        maskers = {(rule, top): PseudoMasker(model, classes, train_config, MaskerOptions(
+                       rule=rule, response=response, retrieval=RetrievalOptions(max_proposals=top)))
+                   for rule, top in (("prm", 100), ("wise", 100), ("prm", 0))}
+        t = time.time()
+        responses = [maskers["prm", 100].responses(im, s.labels) for im, s in zip(images, samples)]
+        resp_time = (time.time() - t) / len(images)
+        for key in sources:
+            for (rule, top), masker in maskers.items():
+                acc = FidelityAccumulator(classes)
+                t = time.time()
+                for s, pr, props in zip(samples, responses, proposals[key]):
+                    acc.add(s.gt, {"instances": masker.instances(pr, props)}, image_size(s))
+                r = acc.result()
+                rows.append({"response": response, "source": key[0], "objectness": key[1],
+                             "rule": rule if top else f"{rule} (all proposals)",
+                             "abo": r["abo_same_class"], "precision": r["precision"], "recall": r["recall"],
+                             "miou": r["miou"], "pseudo_instances": r["pseudo_instances"],
+                             "gt_instances": r["gt_instances"],
+                             "s_per_image": prop_time[key] + resp_time + (time.time() - t) / len(images)})
+    return rows
+
+
+def _oracle(samples: list[shards.Sample], proposals: list, considered_only: bool) -> dict:
+    """Upper bound of any rule: each gt instance takes its best proposal (of those the rules may
+    take: top max_proposals by objectness within the area limits, or of all)."""
+    from ingest import masks as rle
+    from pseudo.retrieval import considered
+
+    best, n_props = [], 0
+    for s, p in zip(samples, proposals):
+        index = considered(p, RetrievalOptions()) if considered_only else np.arange(len(p))
+        n_props += len(index)
+        cand = p.masks(index)
+        for g in s.gt["instances"]:
+            m = rle.decode(g["mask"])
+            inter = (cand & m).sum(axis=(1, 2))
+            union = (cand | m).sum(axis=(1, 2))
+            best.append(float((inter / np.maximum(union, 1)).max()) if len(index) else 0.0)
+    return {"abo": float(np.mean(best)), "precision": None, "recall": float(np.mean(np.asarray(best) >= 0.5)),
+            "miou": None, "pseudo_instances": n_props, "gt_instances": len(best)}
+
+
+def throughput(run: str, samples: list[shards.Sample], out: str, shard_size: int, cfg_kw: dict) -> dict:
+    import ray
+
+    data = os.path.join(out, "throughput-data")
+    if not shards.list_shards(data):
+        shards.write_shards(samples, data, "bench", max_count=shard_size)
+        shards.write_dataset_info(data, load_classifier(run)[1], stage="bench")
+    result = {}
+    for actors in (1, 2):
+        dest = os.path.join(out, f"throughput-{actors}")
+        for name in shards.shard_names(dest):
+            shards.delete_shard(dest, name)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        try:
+            t = time.time()
+            summary = run_pseudo(PseudoConfig(classifier=run, data=data, out=dest, actors=actors, **cfg_kw))
+            wall = time.time() - t
+        finally:
+            ray.shutdown()
+        stats = shards.read_stats(dest)
+        busy = sum(s["proposal_seconds"] + s["masking_seconds"] for s in stats)
+        span = max(s["finished"] for s in stats) - min(s["proposals_started"] for s in stats)
+        result[actors] = {"images": summary["images"], "wall_s": wall, "images_per_s_end_to_end": summary["images"] / wall,
+                          "images_per_s": summary["images"] / span, "images_per_s_per_actor_busy": summary["images"] / busy}
+    result["efficiency"] = result[2]["images_per_s"] / (2 * result[1]["images_per_s"])
+    return result
+
+
+def train_classifier(out: str, images: int) -> tuple[str, str]:
+    import ray
+
+    from ingest.voc import import_voc
+    from ingest.world import make_world
+    from pseudo.classify import RAY_TRAIN_ENV, ClassifyConfig, run_classify
+
+    for k, v in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
+    world, data = os.path.join(out, "world"), os.path.join(out, "train")
+    make_world(world, classes=3, images=images, seed=0, size=128)
+    if not shards.list_shards(data):
+        import_voc(world, data, split="train", shard_size=100)
+    run = os.path.join(out, "classifier")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        run_classify(ClassifyConfig(data=data, out=run, backbone="tiny", backbone_weights="none", epochs=12,
+                                    lr=0.05, image_size=256, cpus_per_worker=2.0))
+    finally:
+        ray.shutdown()
+    return run, data
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classifier", default=None, help="classify run folder or classifier.pt")
+    ap.add_argument("--data", default=None, help="shards with gt.json (the images the classifier saw)")
+    ap.add_argument("--images", type=int, default=60, help="images for the fidelity table and throughput")
+    ap.add_argument("--shard-size", type=int, default=10)
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--out", default="/tmp/bench-pseudo")
+    ap.add_argument("--json", default=None, help="write the result here (default OUT/bench.json)")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
+    run, data = args.classifier, args.data
+    if run is None:
+        run, data = train_classifier(args.out, images=400)
+    if data is None:
+        raise ValueError("--data is needed with --classifier: the shards (with gt.json) to make pseudo masks of")
+    samples = []
+    for s in shards.read_dataset(data):
+        if s.gt is None:
+            raise ValueError(f"{data}: sample {s.key} has no gt.json; the fidelity table needs ground truth")
+        samples.append(s)
+        if len(samples) >= args.images:
+            break
+
+    table = fidelity_table(run, samples)
+    print("| response | source | objectness | rule | ABO | precision@0.5 | recall@0.5 | mIoU | pseudo/gt | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['response']} | {r['source']} | {r['objectness']} | {r['rule']} | {r['abo']:.3f} | "
+              f"{_f(r['precision'])} | {_f(r['recall'])} | {_f(r['miou'])} | "
+              f"{r['pseudo_instances']}/{r['gt_instances']} | {r['s_per_image']:.2f} |")
+    rows = [{"metric": f"ABO {r['response']}/{r['source']}/{r['objectness']}/{r['rule']}", "value": r["abo"],
+             "unit": ""} for r in table]
+    extra = {"table": table, "classifier": run, "data": data, "images": len(samples)}
+    if not args.skip_throughput:
+        tp = throughput(run, samples, args.out, args.shard_size, {"max_peaks": 10})
+        for a in (1, 2):
+            rows += [{"metric": f"{a} CPU actor(s): images/s, first to last shard", "value": tp[a]["images_per_s"],
+                      "unit": "img/s"},
+                     {"metric": f"{a} CPU actor(s): images/s incl. Ray and actor start",
+                      "value": tp[a]["images_per_s_end_to_end"], "unit": "img/s"},
+                     {"metric": f"{a} CPU actor(s): images/s per actor while busy",
+                      "value": tp[a]["images_per_s_per_actor_busy"], "unit": "img/s"}]
+        rows.append({"metric": "1 -> 2 actor scaling efficiency (first to last shard)", "value": tp["efficiency"],
+                     "unit": ""})
+        extra["throughput"] = tp
+    for r in rows:
+        print(f"pseudo  {r['metric']:<56} {r['value']:.4g} {r['unit']}")
+    result = {"benchmark": "pseudo", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": {"cpu_cores": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "rows": rows, **extra}
+    path = args.json or os.path.join(args.out, "bench.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

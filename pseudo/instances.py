@@ -1,0 +1,120 @@
+"""Pseudo instances of one image: class response -> peaks -> peak responses -> proposals -> NMS.
+
+Kept apart from the Ray stage so the benchmark and tests run the same per-image code in-process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pseudo.classifier import PeakClassifier
+from pseudo.classify import eval_transform
+from pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
+from pseudo.proposals import Proposals
+from pseudo.retrieval import RULES, Candidate, PrmScorer, RetrievalOptions, considered, nms, to_instance, wise_select
+
+CLASS_SOURCES = ("labels", "predicted")
+
+
+@dataclass
+class MaskerOptions:
+    rule: str = "prm"                 # proposal choice: prm (retrieval score) or wise (objectness at the point)
+    response: str = "prm"             # peak response backward rule: prm or gradient
+    classes_from: str = "labels"      # peaks for the image's labels, or for the classes the classifier predicts
+    class_threshold: float = 0.0      # a class is predicted when its score (logit) is above this
+    peak_threshold: float = 0.5       # peaks >= this fraction of their class map's maximum
+    max_peaks: int = 10               # per class
+    peak_batch: int = 16              # peaks back-propagated together
+    input_size: int | None = None     # classifier input side; None = the classifier's training image_size
+    retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)
+
+    def validate(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; use one of {RULES}")
+        if self.response not in RESPONSE_RULES:
+            raise ValueError(f"unknown peak response rule {self.response!r}; use one of {RESPONSE_RULES}")
+        if self.classes_from not in CLASS_SOURCES:
+            raise ValueError(f"classes_from must be one of {CLASS_SOURCES}, got {self.classes_from!r}")
+        if not 0 <= self.peak_threshold <= 1:
+            raise ValueError(f"peak_threshold is relative to the map maximum: in [0, 1], got {self.peak_threshold}")
+        if self.max_peaks < 1 or self.peak_batch < 1:
+            raise ValueError("max_peaks and peak_batch must be >= 1")
+        if self.input_size is not None and (self.input_size < 32 or self.input_size % 32):
+            raise ValueError(f"input_size must be a multiple of 32 (the backbone stride), got {self.input_size}")
+        self.retrieval.validate()
+
+
+@dataclass
+class PeakResponses:
+    """One image's peaks, their points (y, x) in image pixels, response maps (N, H, W) summing to 1,
+    and the class response maps resized to the image (C, H, W)."""
+
+    peaks: list[Peak]
+    points: np.ndarray
+    responses: np.ndarray
+    class_maps: np.ndarray
+
+
+class PseudoMasker:
+    """Holds a classifier and turns (image, labels, proposals) into FORMAT.md instances."""
+
+    def __init__(self, model: PeakClassifier, classes: list[str], train_config: dict, opts: MaskerOptions,
+                 device: str = "cpu"):
+        opts.validate()
+        self.model, self.classes, self.opts, self.device = model.eval().to(device), list(classes), opts, device
+        size = opts.input_size or int(train_config.get("image_size", 448))
+        self.transform = eval_transform(size)
+
+    def class_ids(self, labels: list[str], x: torch.Tensor) -> list[int]:
+        if self.opts.classes_from == "predicted":
+            with torch.no_grad():
+                scores = self.model(x)[0]
+            return [int(c) for c in torch.nonzero(scores > self.opts.class_threshold).flatten()]
+        return sorted({self.classes.index(l) for l in labels if l in self.classes})  # unknown labels: no peaks
+
+    def responses(self, image: np.ndarray, labels: list[str]) -> PeakResponses:
+        """Peaks of the image's classes and their response maps, at image size."""
+        h, w = image.shape[:2]
+        x = self.transform(Image.fromarray(image))[None].to(self.device)
+        ids = self.class_ids(labels, x)
+        with torch.no_grad():
+            crm = self.model.class_response_maps(x)[0]
+        peaks = select_peaks(crm, ids, self.opts.peak_threshold, self.opts.max_peaks) if ids else []
+        if not peaks:
+            return PeakResponses([], np.zeros((0, 2), int), np.zeros((0, h, w)), np.zeros((0, h, w)))
+        maps = peak_response_maps(self.model, x, peaks, self.opts.response, self.opts.peak_batch)
+        resp = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
+        resp = resp / resp.flatten(1).sum(1).clamp(min=1e-12)[:, None, None]
+        class_maps = F.interpolate(crm[None].cpu(), size=(h, w), mode="bilinear", align_corners=True)[0]
+        yx = self.model.crm_to_input(torch.tensor([[p.y, p.x] for p in peaks]), tuple(crm.shape[1:]), tuple(x.shape[2:]))
+        yx = yx * torch.tensor([h / x.shape[2], w / x.shape[3]])
+        points = np.minimum(yx.long().numpy(), [h - 1, w - 1])
+        return PeakResponses(peaks, points, resp.numpy(), class_maps.numpy())
+
+    def instances(self, pr: PeakResponses, proposals: Proposals) -> list[dict]:
+        """One proposal per peak by the configured rule, then NMS -> FORMAT.md instances."""
+        h, w = pr.responses.shape[1:]
+        if proposals.image_size != (h, w):
+            raise ValueError(f"proposals are for a {proposals.image_size} image, the image is {(h, w)}")
+        opts, candidates = self.opts.retrieval, []
+        index = considered(proposals, opts) if self.opts.rule == "wise" else None
+        scorers: dict[int, PrmScorer] = {}
+        for p, point, r in zip(pr.peaks, pr.points, pr.responses):
+            if self.opts.rule == "prm":
+                if p.cls not in scorers:
+                    scorers[p.cls] = PrmScorer(proposals, pr.class_maps[p.cls], opts)
+                picked = scorers[p.cls].select(r)
+            else:
+                found = wise_select(r, proposals, index)
+                picked = None if found is None else (found[0], p.value)
+            if picked is not None:
+                candidates.append(Candidate(p.cls, float(picked[1]), proposals.mask(picked[0]),
+                                            (int(point[0]), int(point[1])), r))
+        return [to_instance(c, self.classes) for c in nms(candidates, opts)]
+
+    def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals) -> list[dict]:
+        return self.instances(self.responses(image, labels), proposals)

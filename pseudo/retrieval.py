@@ -1,0 +1,142 @@
+"""Pick one proposal per peak (PRM's retrieval score or WISE's rule), then NMS -> instances."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from ingest import masks as rle
+from pseudo.proposals import Proposals
+
+RULES = ("prm", "wise")
+
+
+@dataclass
+class RetrievalOptions:
+    """PRM's retrieval constants (all options): score = inside_weight * R(mask) +
+    contour_weight * R(contour) - background_weight * |mask & background|."""
+
+    inside_weight: float = 0.8
+    contour_weight: float = 1.0
+    background_weight: float = 1e-5
+    background_ratio: float = 0.95   # background = class response < ratio * mean(class response)
+    contour_width: int = 5           # kernel of the morphological gradient
+    min_area: float = 2e-5           # fraction of the image; smaller proposals are skipped
+    max_area: float = 0.85           # larger-or-equal proposals are skipped
+    max_proposals: int = 100         # the first N proposals by objectness are considered (0 = all)
+    nms_iou: float = 0.3
+    merge_responses: bool = True     # a suppressed peak's response map is added to its keeper's
+    class_agnostic_nms: bool = False
+
+    def validate(self) -> None:
+        if not 0 <= self.min_area < self.max_area <= 1:
+            raise ValueError(f"need 0 <= min_area < max_area <= 1, got {self.min_area}, {self.max_area}")
+        if self.contour_width < 1:
+            raise ValueError("contour_width must be at least 1 pixel")
+        if not 0 < self.nms_iou <= 1:
+            raise ValueError("nms_iou must be in (0, 1]")
+        if self.max_proposals < 0:
+            raise ValueError("max_proposals must be >= 0 (0 = all)")
+
+
+@dataclass
+class Candidate:
+    """One peak's chosen proposal: class index, score, mask, peak (y, x) in image pixels, response."""
+
+    cls: int
+    score: float
+    mask: np.ndarray
+    peak: tuple[int, int]
+    response: np.ndarray
+
+
+def considered(proposals: Proposals, opts: RetrievalOptions) -> np.ndarray:
+    """Indices of the proposals a peak may take: the first max_proposals by objectness, minus those
+    outside [min_area, max_area) of the image."""
+    order = np.argsort(-proposals.scores, kind="stable")
+    if opts.max_proposals:
+        order = order[: opts.max_proposals]
+    frac = proposals.areas()[order] / float(np.prod(proposals.image_size))
+    return order[(frac >= opts.min_area) & (frac < opts.max_area)]
+
+
+def background(class_response: np.ndarray, ratio: float) -> np.ndarray:
+    """PRM's background: where the class response (at image size) is under ratio x its mean."""
+    return class_response < ratio * class_response.mean()
+
+
+def contour(mask: np.ndarray, width: int) -> np.ndarray:
+    """Morphological gradient (dilation minus erosion) with a width x width square kernel."""
+    kernel = np.ones((width, width), np.uint8)
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, kernel).astype(bool)
+
+
+class PrmScorer:
+    """PRM's retrieval score for every peak of one image and class. The considered proposals, their
+    contours and background counts are computed once, so a peak costs two matrix-vector products."""
+
+    def __init__(self, proposals: Proposals, class_response: np.ndarray, opts: RetrievalOptions):
+        self.proposals, self.opts = proposals, opts
+        self.index = considered(proposals, opts)
+        bg = background(class_response, opts.background_ratio).astype(np.float64)
+        self.bg = proposals.region_sums(bg)[self.index]
+        self.contours = np.stack([contour(proposals.mask(n), opts.contour_width).ravel() for n in self.index]
+                                 ).astype(np.float32) if len(self.index) else np.zeros((0, bg.size), np.float32)
+
+    def scores(self, response: np.ndarray) -> np.ndarray:
+        """Scores of the considered proposals (self.index) for one peak response map (H, W)."""
+        inside = self.proposals.region_sums(response)[self.index]
+        edge = self.contours @ response.ravel().astype(np.float32)
+        return self.opts.inside_weight * inside + self.opts.contour_weight * edge - self.opts.background_weight * self.bg
+
+    def select(self, response: np.ndarray) -> tuple[int, float] | None:
+        """(proposal index, score) of the best proposal, None when no proposal is considered."""
+        if len(self.index) == 0:
+            return None
+        s = self.scores(response)
+        best = int(np.argmax(s))
+        return int(self.index[best]), float(s[best])
+
+
+def wise_select(response: np.ndarray, proposals: Proposals, index: np.ndarray) -> tuple[int, tuple[int, int]] | None:
+    """WISE's rule: the point is the argmax of the peak response map; among the considered proposals
+    (`index`, see considered()) containing it, the one of highest objectness. Returns (proposal, point)."""
+    y, x = np.unravel_index(int(np.argmax(response)), response.shape)
+    containing = [int(n) for n in index if proposals.members[n, proposals.base[proposals.which[n], y, x]]]
+    if not containing:
+        return None
+    return max(containing, key=lambda n: proposals.scores[n]), (int(y), int(x))
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def nms(candidates: list[Candidate], opts: RetrievalOptions) -> list[Candidate]:
+    """Greedy NMS in score order at opts.nms_iou (per class unless class_agnostic_nms); a suppressed
+    candidate's response map is added to the one that suppressed it (PRM)."""
+    todo = sorted(candidates, key=lambda c: -c.score)
+    kept: list[Candidate] = []
+    while todo:
+        head = todo.pop(0)
+        head = Candidate(head.cls, head.score, head.mask, head.peak, head.response.copy())
+        rest = []
+        for c in todo:
+            same = opts.class_agnostic_nms or c.cls == head.cls
+            if same and mask_iou(head.mask, c.mask) >= opts.nms_iou:
+                if opts.merge_responses:
+                    head.response += c.response
+            else:
+                rest.append(c)
+        todo = rest
+        kept.append(head)
+    return kept
+
+
+def to_instance(c: Candidate, classes: list[str]) -> dict:
+    """docs/FORMAT.md INSTANCE."""
+    enc = rle.encode(c.mask)
+    return {"class": classes[c.cls], "score": float(c.score), "mask": enc, "bbox": rle.bbox_xywh(enc),
+            "peak": [int(c.peak[0]), int(c.peak[1])]}

@@ -1,0 +1,252 @@
+"""`maskless pseudo`: pseudo instance masks for every image of a shard dataset, on Ray actors.
+
+Unit of work = one input shard -> one output shard of the same name. Ray Data carries a dataset of
+shard names (one row, one block per shard): a CPU task computes the shard's proposals (so a GPU actor
+never waits on them), then an actor pool (`ActorPoolStrategy`) of classifier actors, each loading the
+checkpoint once, masks the shard's images and commits the output shard through `ShardWriter`. The tar
+is renamed into place last, so a killed actor leaves no output shard, only a hidden temporary file;
+Ray restarts the actor and retries the shard, and a rerun skips every shard whose tar exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ingest import shards, storage
+from pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
+from pseudo.peak_response import RULES as RESPONSE_RULES
+from pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, cached_or_compute, make_source
+from pseudo.retrieval import RULES, RetrievalOptions
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "pseudo.summary.json"
+
+
+@dataclass
+class PseudoConfig:
+    classifier: str = field(default="", metadata={"help": "classify run folder or its classifier.pt"})
+    data: str = field(default="", metadata={"help": "input shard dataset (images with image-level labels)"})
+    out: str = field(default="", metadata={"help": "output shard dataset: same shards with pseudo.json added"})
+    rule: str = field(default="prm", metadata={
+        "help": "proposal choice per peak: prm (retrieval score) or wise (highest objectness at the point)",
+        "choices": list(RULES)})
+    response: str = field(default="prm", metadata={
+        "help": "peak response backward rule: prm (peak backpropagation) or gradient (WISE)",
+        "choices": list(RESPONSE_RULES)})
+    proposals: str = field(default="selective_search", metadata={
+        "help": "proposal source (default chosen by measured fidelity, docs/PSEUDO.md)", "choices": list(SOURCES)})
+    objectness: str = field(default="stability", metadata={
+        "help": "objectness proxy of the merging hierarchy", "choices": list(SCORES)})
+    classes_from: str = field(default="labels", metadata={
+        "help": "peaks for the image's labels or for the classifier's predicted classes",
+        "choices": list(CLASS_SOURCES)})
+    class_threshold: float = field(default=0.0, metadata={"help": "predicted class: score (logit) above this"})
+    peak_threshold: float = field(default=0.5, metadata={"help": "peaks >= this fraction of the class map's max"})
+    max_peaks: int = field(default=10, metadata={"help": "peaks per class and image"})
+    peak_batch: int = field(default=16, metadata={"help": "peaks back-propagated in one batch"})
+    input_size: Optional[int] = field(default=None, metadata={
+        "help": "classifier input side (default: the classifier's training image size)"})
+    inside_weight: float = field(default=0.8, metadata={"help": "PRM score: weight of the response inside"})
+    contour_weight: float = field(default=1.0, metadata={"help": "PRM score: weight of the response on the contour"})
+    background_weight: float = field(default=1e-5, metadata={"help": "PRM score: penalty per background pixel"})
+    background_ratio: float = field(default=0.95, metadata={
+        "help": "background = class response below this x its mean"})
+    contour_width: int = field(default=5, metadata={"help": "contour = morphological gradient of this width (px)"})
+    min_area: float = field(default=2e-5, metadata={"help": "skip proposals under this fraction of the image"})
+    max_area: float = field(default=0.85, metadata={"help": "skip proposals at or over this fraction"})
+    max_proposals: int = field(default=100, metadata={"help": "best N proposals by objectness considered (0 = all)"})
+    nms_iou: float = field(default=0.3, metadata={"help": "NMS IoU threshold between a peak's instances"})
+    merge_responses: bool = field(default=True, metadata={"help": "NMS adds suppressed peaks' response maps"})
+    class_agnostic_nms: bool = field(default=False, metadata={"help": "NMS across classes"})
+    cache_proposals: bool = field(default=False, metadata={
+        "help": "store each sample's proposals in the output shard (proposals.npz), reused by later runs"})
+    actors: int = field(default=2, metadata={"help": "classifier actors in the pool"})
+    actor_cpus: float = field(default=0.5, metadata={
+        "help": "logical CPUs per actor (fractional leaves room for Ray Data's tasks on small machines)"})
+    threads: int = field(default=1, metadata={"help": "torch threads per actor"})
+    proposal_cpus: float = field(default=0.5, metadata={"help": "logical CPUs per proposal task"})
+    use_gpu: Optional[bool] = field(default=None, metadata={"help": "GPU actors (default: when Ray has GPUs)"})
+    gpus_per_actor: float = field(default=1.0, metadata={"help": "GPUs per actor when use_gpu"})
+    fail_shards: list[str] = field(default_factory=list, metadata={
+        "cli": False, "help": "failure injection for tests: the actor fails halfway through these shards"})
+    fail_mode: str = field(default="raise", metadata={
+        "cli": False, "help": "failure injection: raise (an exception) or exit (the actor process dies, once)"})
+
+    def masker_options(self) -> MaskerOptions:
+        names = {f.name for f in dataclasses.fields(RetrievalOptions)}
+        retrieval = RetrievalOptions(**{n: getattr(self, n) for n in names})
+        return MaskerOptions(rule=self.rule, response=self.response, classes_from=self.classes_from,
+                             class_threshold=self.class_threshold, peak_threshold=self.peak_threshold,
+                             max_peaks=self.max_peaks, peak_batch=self.peak_batch, input_size=self.input_size,
+                             retrieval=retrieval)
+
+    def validate(self) -> None:
+        for name in ("classifier", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"pseudo needs --{name}")
+        if self.proposals not in SOURCES:
+            raise ValueError(f"unknown proposal source {self.proposals!r}; use one of {SOURCES}")
+        if self.objectness not in SCORES:
+            raise ValueError(f"unknown objectness proxy {self.objectness!r}; use one of {SCORES}")
+        if self.actors < 1 or self.threads < 1:
+            raise ValueError("--actors and --threads must be >= 1")
+        if self.actor_cpus <= 0 or self.proposal_cpus <= 0 or self.gpus_per_actor <= 0:
+            raise ValueError("--actor-cpus, --proposal-cpus and --gpus-per-actor must be > 0")
+        if self.fail_mode not in ("raise", "exit"):
+            raise ValueError("fail_mode must be raise or exit")
+        same = (self.data.rstrip("/") == self.out.rstrip("/") if "://" in self.data
+                else os.path.abspath(self.data) == os.path.abspath(self.out))
+        if same:
+            raise ValueError("--out must differ from --data: the pseudo stage writes new shards")
+        self.masker_options().validate()
+
+
+def _image(sample: shards.Sample) -> np.ndarray:
+    return np.asarray(sample.image())
+
+
+def compute_proposals(batch: dict[str, np.ndarray], source_name: str, objectness: str) -> dict[str, np.ndarray]:
+    """Ray Data task (CPU): the proposals of every image of one shard, as one pickled {key: npz bytes}."""
+    source = make_source(source_name, objectness)
+    blobs, reused, start = [], 0, time.time()
+    for path in batch["shard"]:
+        per_key = {}
+        for s in shards.read_shard(str(path)):
+            p, was_cached = cached_or_compute(source, _image(s), s.extra)
+            reused += was_cached
+            per_key[s.key] = p.to_bytes()
+        blobs.append(pickle.dumps(per_key))
+    return {**batch, "proposals": np.array(blobs, dtype=object), "proposals_reused": np.full(len(blobs), reused),
+            "proposals_started": np.full(len(blobs), start), "proposal_seconds": np.full(len(blobs), time.time() - start)}
+
+
+class PseudoActor:
+    """Ray Data actor: loads the classifier once, then masks and commits one shard per call."""
+
+    def __init__(self, cfg: dict, device: str):
+        import torch
+
+        from pseudo.classifier import load_classifier
+
+        self.cfg = PseudoConfig(**cfg)
+        torch.set_num_threads(self.cfg.threads)
+        model, classes, train_config = load_classifier(self.cfg.classifier)
+        self.masker = PseudoMasker(model, classes, train_config, self.cfg.masker_options(), device)
+        self.source = make_source(self.cfg.proposals, self.cfg.objectness).name
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for i, name in enumerate(batch["name"]):
+            timing = {"proposals_reused": int(batch["proposals_reused"][i]),
+                      "proposals_started": float(batch["proposals_started"][i]),
+                      "proposal_seconds": round(float(batch["proposal_seconds"][i]), 3)}
+            rows.append(self._shard(str(name), str(batch["shard"][i]), pickle.loads(batch["proposals"][i]), timing))
+        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+    def _shard(self, name: str, path: str, proposals: dict[str, bytes], timing: dict) -> dict[str, Any]:
+        cfg, start = self.cfg, time.time()
+        row = {"name": name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": ""}
+        if storage.exists(storage.join(cfg.out, name + ".tar")):
+            return row  # committed by an earlier attempt whose result was lost: never write it twice
+        try:
+            with shards.ShardWriter(cfg.out, name) as writer:
+                for s in shards.read_shard(path):
+                    if name in cfg.fail_shards and len(writer) == 1:
+                        self._inject_failure(name)
+                    props = Proposals.from_bytes(proposals[s.key])
+                    instances = self.masker(_image(s), s.labels, props)
+                    extra = {k: v for k, v in s.extra.items() if k != CACHE_ENTRY}
+                    if cfg.cache_proposals:
+                        extra[CACHE_ENTRY] = proposals[s.key]
+                    pseudo = {"instances": instances, "classifier": cfg.classifier, "rule": cfg.rule,
+                              "response": cfg.response, "proposals": self.source}
+                    writer.write(shards.Sample(s.key, s.jpg, s.meta, s.gt, pseudo, extra))
+                    row["instances"] += len(instances)
+                    row["empty"] += not instances
+                row["count"] = len(writer)
+                writer.commit({"stage": "pseudo", "pseudo_instances": row["instances"],
+                               "images_without_instances": row["empty"], **timing,
+                               "masking_seconds": round(time.time() - start, 3), "finished": time.time()})
+        except Exception as e:  # the writer aborted: no output shard; reported, and a rerun redoes it
+            log.exception("shard %s failed", name)
+            row["error"] = f"{type(e).__name__}: {e}"
+        row["seconds"] = round(time.time() - start, 3)
+        return row
+
+    def _inject_failure(self, name: str) -> None:
+        if self.cfg.fail_mode == "raise":
+            raise RuntimeError(f"injected failure in shard {name}")
+        marker = storage.join(self.cfg.out, f".crash-{name}.tmp")  # hidden temp: removed by the next run
+        if not storage.exists(marker):
+            storage.write_bytes_atomic(marker, b"")
+            os._exit(1)  # the actor process dies mid-shard, once
+
+
+def _gpu_available() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run_pseudo(cfg: PseudoConfig) -> dict:
+    """Pseudo masks for every input shard not yet in cfg.out; dataset.json once all are there.
+    Ray must be initialised by the caller. Raises RuntimeError naming the shards that failed (the
+    others are committed; rerun to redo the failed ones)."""
+    import ray
+
+    from pseudo.classifier import load_classifier
+
+    cfg.validate()
+    if not storage.exists(cfg.data):
+        raise FileNotFoundError(f"--data {cfg.data} does not exist")
+    names = shards.shard_names(cfg.data)
+    if not names:
+        raise FileNotFoundError(f"--data {cfg.data} holds no complete shard (*.tar): run ingest first")
+    _, classes, _ = load_classifier(cfg.classifier)  # fails early and clearly on a bad checkpoint
+    storage.makedirs(cfg.out)
+    storage.remove_stale_temps(cfg.out)
+    done = set(shards.shard_names(cfg.out))
+    todo = [n for n in names if n not in done]
+    use_gpu = _gpu_available() if cfg.use_gpu is None else cfg.use_gpu
+    start = time.time()
+    rows: list[dict] = []
+    if todo:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        items = [{"name": n, "shard": storage.join(cfg.data, n + ".tar")} for n in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # with GPU actors the two steps differ in resources, so Ray Data keeps proposals on CPU tasks;
+        # on CPU-only clusters it fuses them into the actors, which saves a copy and changes no result
+        ds = ds.map_batches(compute_proposals, batch_size=1, num_cpus=cfg.proposal_cpus,
+                            fn_kwargs={"source_name": cfg.proposals, "objectness": cfg.objectness})
+        ds = ds.map_batches(PseudoActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
+                            num_cpus=cfg.actor_cpus, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
+                            fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg),
+                                                   "device": "cuda" if use_gpu else "cpu"})
+        rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.take_all()]
+    failed = {r["name"]: r["error"] for r in rows if r["error"]}
+    missing = [n for n in names if n not in set(shards.shard_names(cfg.out))]
+    summary = {
+        "shards": len(names), "skipped": len(done), "processed": len(rows) - len(failed), "failed": failed,
+        "images": int(sum(r["count"] for r in rows)), "instances": int(sum(r["instances"] for r in rows)),
+        "images_without_instances": int(sum(r["empty"] for r in rows)),
+        "seconds": round(time.time() - start, 3), "actors": cfg.actors, "gpu": use_gpu,
+        "rule": cfg.rule, "response": cfg.response, "proposals": cfg.proposals, "out": cfg.out,
+    }
+    storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
+    if missing:
+        raise RuntimeError(f"pseudo: {len(missing)} shard(s) not written ({', '.join(missing)}): "
+                           f"{failed or 'see the Ray logs'}; rerun the same command to redo them")
+    info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
+                                     response=cfg.response, proposals=cfg.proposals)
+    summary["samples"] = info["samples"]
+    log.info("pseudo: %s", summary)
+    return summary

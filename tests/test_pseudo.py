@@ -1,0 +1,277 @@
+"""Pseudo masks: peak responses, proposals, retrieval, NMS, the Ray stage and the fidelity report."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ingest import masks as rle
+from ingest import shards
+from pseudo.fidelity import FidelityAccumulator, FidelityConfig, run_fidelity
+from pseudo.peak_response import Peak, peak_response_maps
+from pseudo.proposals import CACHE_ENTRY, Proposals, SelectiveSearch, SuperpixelMerging, cached_or_compute
+from pseudo.retrieval import Candidate, PrmScorer, RetrievalOptions, contour, nms, wise_select
+from pseudo.stage import PseudoConfig, run_pseudo
+
+
+class TinyCRM(nn.Module):
+    """Positive filters: the class response at a pixel sums the brightness around it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            for conv in (self.features[0], self.features[4], self.head):
+                conv.weight.uniform_(0.1, 1.0)
+                conv.bias.zero_()
+
+    def class_response_maps(self, x):
+        return F.interpolate(self.head(self.features(x)), scale_factor=2, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("rule", ["prm", "gradient"])
+def test_peak_response_is_peaked_at_its_object(rule):
+    model = TinyCRM().eval()
+    x = torch.zeros(1, 3, 48, 48)
+    x[..., 6:14, 6:14] = 1.0     # object A
+    x[..., 30:40, 28:40] = 1.0   # object B
+    crm = model.class_response_maps(x)[0]
+    peak_a = Peak(0, *divmod(int(crm[0, :24, :24].argmax()), 24), 0.0)
+    sub = crm[1, 24:, 24:]
+    y, xx = divmod(int(sub.argmax()), 24)
+    peak_b = Peak(1, 24 + y, 24 + xx, 0.0)
+    maps = peak_response_maps(model, x, [peak_a, peak_b], rule=rule, batch=1)  # batch=1: chunking too
+    assert maps.shape == (2, 48, 48)
+    assert torch.allclose(maps.sum(dim=(1, 2)), torch.ones(2), atol=1e-5) and (maps >= 0).all()
+    for m, (ys, xs) in zip(maps, [(slice(6, 14), slice(6, 14)), (slice(30, 40), slice(28, 40))]):
+        y, xx = divmod(int(m.argmax()), 48)
+        assert ys.start <= y < ys.stop and xs.start <= xx < xs.stop
+        assert float(m[ys, xs].sum()) > 0.9
+    # the PRM rule patches the convolutions only inside the call
+    assert all("forward" not in vars(c) for c in model.modules() if isinstance(c, nn.Conv2d))
+
+
+def test_prm_rule_differs_from_plain_gradient():
+    torch.manual_seed(0)
+    model = TinyCRM().eval()
+    model.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    model.class_response_maps = lambda x: model.head(model.features(x))  # mixed-sign weights, no pooling
+    x = torch.rand(1, 3, 16, 16)
+    peaks = [Peak(0, 8, 8, 0.0)]
+    prm, grad = (peak_response_maps(model, x, peaks, rule=r) for r in ("prm", "gradient"))
+    assert not torch.allclose(prm, grad)
+    # both stay within the peak's 5x5 receptive field
+    for m in (prm, grad):
+        assert m[0, :6].sum() == 0 and m[0, 6:11, 6:11].sum() > 0.99
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_peak_backprop_conserves_relevance_and_keeps_forward(padding_mode):
+    """PRM's rule redistributes a peak's unit relevance over the inputs in proportion to their positive
+    contributions: through convolutions alone the input map sums to 1; forward values are unchanged."""
+    from pseudo.peak_response import peak_backprop
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode),
+                        nn.Conv2d(4, 2, 3, stride=2, padding=1, padding_mode=padding_mode))
+    x = torch.rand(1, 3, 9, 9)
+    plain = net(x)
+    with peak_backprop(net):
+        xs = x.clone().requires_grad_(True)
+        y = net(xs)
+        (g,) = torch.autograd.grad(y[0, 0, 2, 2], xs)
+    assert torch.allclose(y, plain) and float(g.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def _proposals(masks: list[np.ndarray], scores: list[float]) -> Proposals:
+    """Proposals over a base label map in which every given mask is a union of regions."""
+    stack = np.stack(masks)
+    codes = np.zeros(stack.shape[1:], dtype=np.int64)
+    for k in range(len(masks)):
+        codes = codes * 2 + stack[k]
+    _, labels = np.unique(codes, return_inverse=True)
+    labels = labels.reshape(codes.shape)
+    members = np.zeros((len(masks), labels.max() + 1), bool)
+    for k, m in enumerate(masks):
+        members[k, np.unique(labels[m])] = True
+    return Proposals(labels[None].astype(np.int32), np.zeros(len(masks), np.int32), members,
+                     np.asarray(scores, np.float32), "hand")
+
+
+def _box(y0, y1, x0, x1, size=40):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_prm_score_picks_the_object_proposal():
+    obj, half, wide, tiny = _box(10, 20, 10, 20), _box(10, 20, 10, 15), _box(5, 35, 5, 35), _box(12, 13, 12, 13)
+    props = _proposals([half, wide, obj, tiny], [0.9, 0.8, 0.1, 1.0])
+    response = np.zeros((40, 40))
+    response[9:21, 9:21] = 1.0      # the object and a 1 px ring around it
+    response /= response.sum()
+    class_map = np.where(_box(8, 22, 8, 22), 5.0, 0.0)
+    opts = RetrievalOptions(min_area=2 / 1600)  # the 1-pixel proposal is skipped by area
+    scorer = PrmScorer(props, class_map, opts)
+    assert sorted(scorer.index.tolist()) == [0, 1, 2]
+    n, score = scorer.select(response)
+    assert n == 2
+    bg = class_map < 0.95 * class_map.mean()
+    hand = 0.8 * response[obj].sum() + response[contour(obj, 5)].sum() - 1e-5 * (obj & bg).sum()
+    assert score == pytest.approx(hand)
+    # the proposal considered are the first max_proposals by objectness: drop the object
+    assert PrmScorer(props, class_map, RetrievalOptions(max_proposals=2)).select(response)[0] != 2
+    # WISE: highest objectness among the proposals containing the argmax of the response
+    response[15, 12] = 1.0
+    assert wise_select(response, props, scorer.index) == (0, (15, 12))
+
+
+def test_nms_merges_duplicates():
+    a, b, c = _box(0, 10, 0, 10), _box(1, 11, 0, 10), _box(20, 30, 20, 30)
+    r = [np.full((40, 40), v) for v in (1.0, 2.0, 4.0, 8.0)]
+    cands = [Candidate(0, 0.5, b, (5, 5), r[0]), Candidate(0, 0.9, a, (4, 4), r[1]),
+             Candidate(0, 0.7, c, (25, 25), r[2]), Candidate(1, 0.6, a, (3, 3), r[3])]
+    kept = nms(cands, RetrievalOptions(nms_iou=0.3))
+    assert [(k.cls, k.score) for k in kept] == [(0, 0.9), (0, 0.7), (1, 0.6)]
+    assert np.all(kept[0].response == 3.0) and np.all(r[1] == 2.0)  # merged into a copy
+    agnostic = nms(cands, RetrievalOptions(nms_iou=0.3, class_agnostic_nms=True, merge_responses=False))
+    assert [k.score for k in agnostic] == [0.9, 0.7] and np.all(agnostic[0].response == 2.0)
+
+
+@pytest.mark.parametrize("source", [SelectiveSearch(ks=(100,)), SuperpixelMerging(n_segments=60)])
+def test_proposals_are_unions_of_base_regions_and_cache(source):
+    rng = np.random.default_rng(0)
+    image = np.full((48, 48, 3), 90, np.uint8)
+    image[10:30, 12:36] = (220, 40, 40)
+    image = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+    p = source(image)
+    masks = p.masks()
+    assert len(p) > 2 and masks.shape == (len(p), 48, 48) and ((p.scores >= 0) & (p.scores <= 1)).all()
+    assert np.allclose(p.areas(), masks.sum(axis=(1, 2)))
+    obj = _box(10, 30, 12, 36, 48)
+    best = max(((m & obj).sum() / (m | obj).sum()) for m in masks)
+    assert best > 0.9
+    again, reused = cached_or_compute(source, image, {CACHE_ENTRY: p.to_bytes()})
+    assert reused and np.array_equal(again.masks(), masks) and np.allclose(again.scores, p.scores)
+    _, reused = cached_or_compute(source, image[:40], {CACHE_ENTRY: p.to_bytes()})
+    assert not reused  # another image size: recomputed
+
+
+def test_fidelity_equals_hand_computation():
+    def inst(cls, m, score=1.0):
+        enc = rle.encode(m)
+        return {"class": cls, "score": score, "mask": enc, "bbox": rle.bbox_xywh(enc)}
+
+    g1, g2 = _box(0, 10, 0, 10, 20), _box(10, 20, 10, 20, 20)  # 100 px each
+    p1 = _box(0, 10, 0, 8, 20)                                  # IoU with g1 = 80/100
+    p2 = _box(10, 20, 10, 14, 20)                               # IoU with g2 = 40/100
+    void = _box(0, 1, 19, 20, 20)
+    gt = {"instances": [inst("a", g1), inst("b", g2)], "void": rle.encode(void)}
+    pseudo = {"instances": [inst("a", p1, 0.9), inst("a", p2, 0.8)]}
+    acc = FidelityAccumulator(["a", "b"], iou=0.5)
+    acc.add(gt, pseudo, (20, 20))
+    r = acc.result()
+    assert r["abo_same_class"] == pytest.approx((0.8 + 0.0) / 2)      # b has no pseudo of its class
+    assert r["abo_any_class"] == pytest.approx((0.8 + 0.4) / 2)
+    assert r["precision"] == pytest.approx(1 / 2) and r["recall"] == pytest.approx(1 / 2)
+    assert r["per_class"]["b"]["recall"] == 0 and r["per_class"]["b"]["precision"] is None
+    iou_a = 80 / 140                  # union of a's pseudo (120 px) vs a's gt (100 px)
+    iou_b = 0 / 100
+    iou_bg = (200 - 1) / (280 - 1)    # background: 200 px in gt, 280 in pseudo; the void pixel is ignored
+    assert r["per_class"]["a"]["iou"] == pytest.approx(iou_a)
+    assert r["miou"] == pytest.approx((iou_a + iou_b + iou_bg) / 3)
+
+
+@pytest.fixture(scope="module")
+def classifier_file(world_shards, tmp_path_factory):
+    from pseudo.classifier import PeakClassifier, save_classifier
+
+    torch.manual_seed(0)
+    model = PeakClassifier(len(world_shards["classes"]), backbone="tiny").eval()
+    path = str(tmp_path_factory.mktemp("clf") / "classifier.pt")
+    save_classifier(model, world_shards["classes"], {"image_size": 64}, path)
+    return path
+
+
+def _tars(root):
+    return {n: os.stat(os.path.join(root, n + ".tar")).st_mtime_ns for n in shards.shard_names(root)}
+
+
+def test_ray_stage_two_actors_failed_and_killed_shards_rerun(ray_local, world_shards, classifier_file, tmp_path):
+    data, out = world_shards["train"], str(tmp_path / "pseudo")
+    names = shards.shard_names(data)
+    assert len(names) >= 3
+    keys = {s.key for s in shards.read_dataset(data)}
+    cfg = dict(classifier=classifier_file, data=data, out=out, actors=2, max_peaks=3, max_proposals=50)
+
+    with pytest.raises(RuntimeError, match=names[1]):          # an exception halfway through one shard
+        run_pseudo(PseudoConfig(**cfg, fail_shards=[names[1]], fail_mode="raise"))
+    assert names[1] not in shards.shard_names(out)               # no half shard reads as complete
+    assert set(shards.shard_names(out)) == set(names) - {names[1]}
+    assert not os.path.exists(os.path.join(out, "dataset.json"))
+
+    # the rerun does only the missing shard; its actor process dies halfway, Ray restarts it, it is redone
+    summary = run_pseudo(PseudoConfig(**cfg, fail_shards=[names[1]], fail_mode="exit"))
+    assert os.path.exists(os.path.join(out, f".crash-{names[1]}.tmp"))  # the actor really died mid-shard
+    assert summary["skipped"] == len(names) - 1 and summary["processed"] == 1 and summary["failed"] == {}
+    samples = list(shards.read_dataset(out))
+    assert sorted(s.key for s in samples) == sorted(keys)        # one sample per input, no duplicates
+    assert all(s.pseudo is not None and s.gt is not None for s in samples)
+    assert all(i["class"] in s.labels for s in samples for i in s.pseudo["instances"])
+    assert sum(len(s.pseudo["instances"]) for s in samples) > 0
+    assert shards.read_dataset_info(out)["samples"] == len(keys)
+
+    before = _tars(out)
+    again = run_pseudo(PseudoConfig(**cfg))                      # a rerun adds nothing
+    assert again["processed"] == 0 and _tars(out) == before
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the dead writer's temp files are gone
+
+    report = run_fidelity(FidelityConfig(data=out, out=str(tmp_path / "report"), grid_images=2))
+    assert report["images"] == len(keys) and report["gt_instances"] > 0
+    assert {"fidelity.json", "fidelity.md", "fidelity.png"} <= set(os.listdir(tmp_path / "report"))
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
+    with pytest.raises(ValueError, match="classifier"):
+        PseudoConfig(data="a", out="b").validate()
+    with pytest.raises(ValueError, match="rule"):
+        PseudoConfig(classifier="c", data="a", out="b", rule="best").validate()
+    with pytest.raises(ValueError, match="differ"):
+        PseudoConfig(classifier="c", data="a", out="a").validate()
+    with pytest.raises(FileNotFoundError, match="no complete shard"):
+        os.makedirs(tmp_path / "empty")
+        run_pseudo(PseudoConfig(classifier=classifier_file, data=str(tmp_path / "empty"), out=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_pseudo(PseudoConfig(classifier=classifier_file, data=str(tmp_path / "nowhere"), out=str(tmp_path / "o")))
+
+
+@pytest.mark.parametrize("classes_from", ["labels", "predicted"])
+def test_masker_instances_follow_the_class_choice(classes_from):
+    from pseudo.classifier import PeakClassifier
+    from pseudo.instances import MaskerOptions, PseudoMasker
+
+    torch.manual_seed(0)
+    model = PeakClassifier(3, backbone="tiny").eval()
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    image[16:40, 20:50] = (230, 30, 30)
+    masker = PseudoMasker(model, ["a", "b", "c"], {"image_size": 64},
+                          MaskerOptions(classes_from=classes_from, class_threshold=-1e9))
+    found = masker(image, ["b", "unknown"], SelectiveSearch(ks=(100,))(image))
+    assert found, "every labelled class has at least one peak"
+    if classes_from == "labels":
+        assert {i["class"] for i in found} == {"b"}
+    else:  # every class scores above -1e9, none above 1e9
+        x = masker.transform(Image.fromarray(image))[None]
+        assert masker.class_ids(["b"], x) == [0, 1, 2]
+        masker.opts.class_threshold = 1e9
+        assert masker.class_ids(["b"], x) == [] and masker(image, ["b"], SelectiveSearch(ks=(100,))(image)) == []
+    for inst in found:
+        m = rle.decode(inst["mask"])
+        assert m.shape == (64, 64) and m.any() and 0 <= inst["peak"][0] < 64 and 0 <= inst["peak"][1] < 64
+        assert inst["bbox"] == rle.bbox_xywh(inst["mask"])
