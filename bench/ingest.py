@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--shard-size", type=int, default=250)
-    ap.add_argument("--out", default=None, help="write the result JSON here")
+    ap.add_argument("--json", default=None, help="write the result JSON here")
     args = ap.parse_args()
 
     images_dir = os.path.join(args.work, "images")
@@ -178,7 +178,7 @@ def main() -> None:
         ]
     else:
         rows.append({"metric": "img2dataset", "value": "not installed: no comparison", "unit": ""})
-    write_result("ingest", rows, args.out, ours=ours, img2dataset=theirs,
+    write_result("ingest", rows, args.json, ours=ours, img2dataset=theirs,
                  settings={k: getattr(args, k) for k in ("processes", "threads", "image_size", "shard_size")})
 
 
