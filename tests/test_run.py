@@ -12,7 +12,7 @@ from maskless.cli import main
 TINY_TRAIN = dict(arch="resnet18_fpn", weights="none", min_size=96, max_size=96, anchor_sizes=[16, 32, 64, 128, 256],
                   rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200,
                   rpn_post_nms_top_n_test=100, box_batch_size_per_image=64, box_detections_per_img=20,
-                  epochs=1, max_steps=3, batch_size=2, lr=0.01, warmup_iters=2, loader_workers=0, workers=1)
+                  epochs=1, max_steps=3, batch_size=2, lr=0.01, warmup_iters=2, clip_grad_norm=5.0, loader_workers=0, workers=1)
 
 
 def test_run_end_to_end_then_rerun_skips_everything(ray_local, tmp_path, capsys):
