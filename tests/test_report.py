@@ -115,7 +115,7 @@ def test_eval_runs_a_model(world_shards, tmp_path):
 
     torch.manual_seed(0)
     opts = dict(arch="resnet18_fpn", min_size=96, max_size=96, trainable_backbone_layers=None, anchor_sizes=None,
-                frozen_bn=False, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=10)
+                norm=None, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=10)
     model = build_model(world_shards["classes"], weights="none", **opts)
     save_model(str(tmp_path / "model.pt"), model.state_dict(), world_shards["classes"],
                {"build": build_options(**opts)})
