@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 from ingest import shards, storage
+from ingest.run_folder import claim_run_folder
 from ingest.resources import has_gpus
 from pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, save_classifier)
@@ -380,19 +381,7 @@ def train_loop(lc: dict) -> None:
 
 
 def _check_run_folder(cfg: ClassifyConfig, classes: list[str]) -> None:
-    """A rerun into an existing run folder continues it; a different run there is an error."""
-    path = storage.join(cfg.out, RUN_FILE)
-    identity = {k: getattr(cfg, k) for k in RUN_IDENTITY}
-    if storage.exists(path):
-        previous = storage.read_json(path)
-        diff = [k for k in RUN_IDENTITY if previous["config"].get(k) != identity[k]]
-        if previous["classes"] != classes:
-            diff.append("classes")
-        if diff:
-            raise ValueError(f"{cfg.out} holds a classify run with different {', '.join(diff)}: "
-                             f"rerun with the same settings to continue it, or use a new --out")
-        return
-    storage.write_json_atomic(path, {"config": dataclasses.asdict(cfg), "classes": classes})
+    claim_run_folder(storage.join(cfg.out, RUN_FILE), "classify", dataclasses.asdict(cfg), RUN_IDENTITY, classes)
 
 
 def run_classify(cfg: ClassifyConfig) -> dict:

@@ -130,3 +130,16 @@ def test_voc_import_of_an_id_list_takes_labels_from_xml_for_unsegmented_images(t
     from xml.etree import ElementTree as ET
     names = {o.findtext("name") for o in ET.parse(root / "Annotations" / "world_000001.xml").getroot().iter("object")}
     assert set(b.labels) == names and b.labels
+
+
+def test_run_folder_is_continued_by_the_same_run_and_refused_to_another(tmp_path):
+    from ingest.run_folder import claim_run_folder
+
+    path = str(tmp_path / "run" / "run.json")
+    claim_run_folder(path, "train", {"arch": "a", "lr": 0.1}, ("arch",), ["x"])
+    claim_run_folder(path, "train", {"arch": "a", "lr": 0.5}, ("arch",), ["x"])  # lr may change
+    with pytest.raises(ValueError, match="holds a train run with different arch"):
+        claim_run_folder(path, "train", {"arch": "b", "lr": 0.1}, ("arch",), ["x"])
+    with pytest.raises(ValueError, match="different classes"):
+        claim_run_folder(path, "train", {"arch": "a", "lr": 0.1}, ("arch",), ["x", "y"])
+    assert json.load(open(path))["config"] == {"arch": "a", "lr": 0.1}

@@ -25,6 +25,7 @@ import torch
 from ray.train import UserCallback
 
 from ingest import storage
+from ingest.run_folder import claim_run_folder
 from ingest.resources import has_gpus
 from train.dataset import MASK_SOURCES, ShardDataset, build_index, collate, rank_batches, steps_per_epoch
 from train.maskrcnn import ARCHS, build_model, build_options, resolve_norm, save_model, weights_file
@@ -288,19 +289,7 @@ def read_metrics(out: str) -> list[dict]:
 
 
 def _check_run_folder(cfg: TrainConfig, classes: list[str]) -> None:
-    """A rerun into an existing run folder continues it; a different run there is an error."""
-    path = storage.join(cfg.out, RUN_FILE)
-    identity = {k: getattr(cfg, k) for k in RUN_IDENTITY}
-    if storage.exists(path):
-        previous = storage.read_json(path)
-        diff = [k for k in RUN_IDENTITY if previous["config"].get(k) != identity[k]]
-        if previous["classes"] != classes:
-            diff.append("classes")
-        if diff:
-            raise ValueError(f"{cfg.out} holds a train run with different {', '.join(diff)}: "
-                             f"rerun with the same settings to continue it, or use a new --out")
-        return
-    storage.write_json_atomic(path, {"config": dataclasses.asdict(cfg), "classes": classes})
+    claim_run_folder(storage.join(cfg.out, RUN_FILE), "train", dataclasses.asdict(cfg), RUN_IDENTITY, classes)
 
 
 class _StopOnSignal:
