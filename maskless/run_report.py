@@ -42,9 +42,9 @@ def write_run_report(out: str, results: dict) -> str:
                              f"recall@{fid['iou_threshold']}", "semantic mIoU"],
                             [[str(fid["images"]), _pct(fid["abo_same_class"]), _pct(fid["abo_any_class"]),
                               _pct(fid["precision"]), _pct(fid["recall"]), _pct(fid["miou"])]]), ""]
-    for key in ("eval_weak", "eval_full", "fidelity"):
+    for key, folder in (("eval_weak", "weak"), ("eval_full", "full"), ("fidelity", "fidelity")):
         if results.get(key):
-            parts.append(f"- {key}: detailed report in `{results[key].get('out') or results[key].get('data')}`")
+            parts.append(f"- {key}: detailed report in `{storage.join(out, folder)}`")
     caption, pub_header, pub_rows = published_table()
     parts += ["", "## Published results on PASCAL VOC 2012 val (reference only, not measured here)", "",
               caption, "", _md_table(pub_header, pub_rows), ""]
