@@ -14,9 +14,8 @@ import os
 
 from PIL import Image
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
-from ingest import masks, shards, storage
+from ingest import masks, shards
 
 log = logging.getLogger(__name__)
 
@@ -101,37 +100,28 @@ def import_coco(annotations: str, images: str, out: str, shard_size: int = 500) 
     imgs = sorted(coco["images"], key=lambda i: i["id"])
     if not imgs:
         raise ValueError(f"{annotations} lists no images")
-    storage.makedirs(out)
-    storage.remove_stale_temps(out)
-    done = set(shards.shard_names(out))
-    written = skipped = 0
-    chunks = [imgs[i:i + shard_size] for i in range(0, len(imgs), shard_size)]
-    for index, chunk in enumerate(tqdm(chunks, desc="import coco", unit="shard", disable=None)):
-        name = f"coco-{index:06d}"
-        if name in done:
-            skipped += 1
-            continue
-        with shards.ShardWriter(out, name) as w:
-            for image in chunk:
-                path = os.path.join(images, image["file_name"])
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"image {image['file_name']} (id {image['id']}) of {annotations} "
-                                            f"is not in {images}")
-                jpg, width, height = _jpeg(path)
-                if (width, height) != (image["width"], image["height"]):
-                    raise ValueError(f"{path} is {width}x{height} but {annotations} says "
-                                     f"{image['width']}x{image['height']}")
-                anns = by_image.get(image["id"], [])
-                gt = image_gt(image, anns, cat_names)
-                names = {cat_names[a["category_id"]] for a in anns}
-                meta = {"labels": [c["name"] for c in cats if c["name"] in names], "width": width,
-                        "height": height, "sha256": hashlib.sha256(jpg).hexdigest(), "engine": "coco",
-                        "source_id": image["id"], "url": image.get("coco_url") or image.get("flickr_url"),
-                        "query": None, "file_name": image["file_name"]}
-                if image.get("license") is not None:
-                    meta["licence"] = image["license"]
-                w.write(shards.Sample(key=f"coco_{int(image['id']):012d}", jpg=jpg, meta=meta, gt=gt))
-        written += 1
+
+    def to_sample(image: dict) -> shards.Sample:
+        path = os.path.join(images, image["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image {image['file_name']} (id {image['id']}) of {annotations} "
+                                    f"is not in {images}")
+        jpg, width, height = _jpeg(path)
+        if (width, height) != (image["width"], image["height"]):
+            raise ValueError(f"{path} is {width}x{height} but {annotations} says "
+                             f"{image['width']}x{image['height']}")
+        anns = by_image.get(image["id"], [])
+        gt = image_gt(image, anns, cat_names)
+        names = {cat_names[a["category_id"]] for a in anns}
+        meta = {"labels": [c["name"] for c in cats if c["name"] in names], "width": width,
+                "height": height, "sha256": hashlib.sha256(jpg).hexdigest(), "engine": "coco",
+                "source_id": image["id"], "url": image.get("coco_url") or image.get("flickr_url"),
+                "query": None, "file_name": image["file_name"]}
+        if image.get("license") is not None:
+            meta["licence"] = image["license"]
+        return shards.Sample(key=f"coco_{int(image['id']):012d}", jpg=jpg, meta=meta, gt=gt)
+
+    written, skipped = shards.write_chunks(imgs, out, "coco", shard_size, to_sample, desc="import coco")
     classes = [c["name"] for c in cats]
     info = shards.write_dataset_info(out, classes, stage="import-coco", source=annotations)
     log.info("imported %d COCO images into %s (%d shards written, %d already there)",

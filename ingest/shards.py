@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +24,7 @@ import webdataset as wds
 import importlib
 wds_gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function under this name
 from PIL import Image
+from tqdm import tqdm
 
 from ingest import storage
 
@@ -183,6 +184,31 @@ def write_shards(samples: Iterable[Sample], root: str, prefix: str, max_count: i
             writer.abort()
         raise
     return infos
+
+
+def write_chunks(items: list, root: str, prefix: str, shard_size: int, to_sample: Callable[[Any], Sample],
+                 desc: str) -> tuple[int, int]:
+    """Write items as shards PREFIX-000000, ... of shard_size items each, skipping shards already complete.
+
+    Shard i always holds the same items (for a fixed order and size), so a rerun after a kill writes only
+    the missing shards. Returns (shards written, shards skipped)."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    storage.makedirs(root)
+    storage.remove_stale_temps(root)
+    done = set(shard_names(root))
+    written = skipped = 0
+    chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    for index, chunk in enumerate(tqdm(chunks, desc=desc, unit="shard", disable=None)):
+        name = f"{prefix}-{index:06d}"
+        if name in done:
+            skipped += 1
+            continue
+        with ShardWriter(root, name) as w:
+            for item in chunk:
+                w.write(to_sample(item))
+        written += 1
+    return written, skipped
 
 
 def shard_names(root: str) -> list[str]:

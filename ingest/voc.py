@@ -13,9 +13,8 @@ import re
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from ingest import masks, shards, storage
+from ingest import masks, shards
 from ingest.world import VOID
 
 log = logging.getLogger(__name__)
@@ -126,27 +125,13 @@ def import_voc(root: str, out: str, split: str = "val", shard_size: int = 500) -
     Shard i always holds the same ids (sorted split, chunks of shard_size), so a rerun skips the
     shards that are complete and writes only the rest."""
     root = find_voc_root(root)
-    if shard_size < 1:
-        raise ValueError("shard_size must be at least 1")
     names = voc_class_names(root)
     ids = split_ids(root, split)
     prefix = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(split))[0]) or "split"
     if not ids:
         raise ValueError(f"split {split!r} of {root} is empty")
-    storage.makedirs(out)
-    storage.remove_stale_temps(out)
-    done = set(shards.shard_names(out))
-    written = skipped = 0
-    chunks = [ids[i:i + shard_size] for i in range(0, len(ids), shard_size)]
-    for index, chunk in enumerate(tqdm(chunks, desc=f"import voc {split}", unit="shard", disable=None)):
-        name = f"{prefix}-{index:06d}"
-        if name in done:
-            skipped += 1
-            continue
-        with shards.ShardWriter(out, name) as w:
-            for image_id in chunk:
-                w.write(read_sample(root, image_id, names))
-        written += 1
+    written, skipped = shards.write_chunks(ids, out, prefix, shard_size, lambda i: read_sample(root, i, names),
+                                           desc=f"import voc {split}")
     info = shards.write_dataset_info(out, names, stage="import-voc", source=root, split=split)
     log.info("imported %d images of %s (split %s) into %s (%d shards written, %d already there)",
              info["samples"], root, split, out, written, skipped)
