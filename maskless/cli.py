@@ -139,7 +139,7 @@ def _setup_logging(verbose: bool) -> None:
 def _run_stage(cmd: StageCommand, args: argparse.Namespace) -> dict:
     cls, run = _load_stage(cmd)
     section = config.load_yaml(args.config).get(cmd.section, {}) if args.config else {}
-    cfg = config.build(cls, section, args)
+    cfg = config.absolute_paths(config.build(cls, section, args))
     if cmd.needs_ray:
         from maskless.ray_runtime import init_ray
 

@@ -79,6 +79,25 @@ def build(cls: type, yaml_values: dict | None = None, args: argparse.Namespace |
     return cfg
 
 
+# Fields that name files or folders. Ray workers do not run in the driver's working directory, so a
+# relative path must become absolute before a stage hands it to them.
+PATH_FIELDS = ("data", "val_data", "out", "classifier", "model", "gt", "predictions", "local_root", "urls")
+MAYBE_PATH_FIELDS = ("backbone_weights", "weights")  # also take keywords such as 'imagenet' or 'none'
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """Make the local relative paths of a config absolute (URIs and keywords stay as they are)."""
+    import os
+
+    for name in PATH_FIELDS + MAYBE_PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        if not isinstance(value, str) or not value or "://" in value or os.path.isabs(value):
+            continue
+        if name in PATH_FIELDS or os.path.exists(value):
+            setattr(cfg, name, os.path.abspath(value))
+    return cfg
+
+
 def load_yaml(path: str) -> dict:
     """A YAML config file as a dict, with a clear error for a missing or malformed file."""
     try:

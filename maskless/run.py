@@ -61,7 +61,7 @@ def _stage_config(module: str, cls_name: str, section: dict, **paths: Any):
     import importlib
 
     cls = getattr(importlib.import_module(module), cls_name)
-    return config.build(cls, {**section, **paths})
+    return config.absolute_paths(config.build(cls, {**section, **paths}))
 
 
 class Pipeline:
@@ -114,6 +114,10 @@ def run_pipeline(config_path: str, out: str | None = None, address: str | None =
         raise ValueError(f"{config_path}: unknown sections {', '.join(sorted(unknown))}; "
                          f"known: run, {', '.join(STAGE_SECTIONS)}")
     run_cfg = config.build(RunConfig, raw.get("run", {}), {"out": out})
+    if "://" not in run_cfg.out:  # Ray workers run elsewhere than the driver: no relative paths
+        run_cfg.out = os.path.abspath(run_cfg.out)
+    if run_cfg.voc_root:
+        run_cfg.voc_root = os.path.abspath(run_cfg.voc_root)
     sections = {k: dict(raw.get(k) or {}) for k in STAGE_SECTIONS}
     storage.makedirs(run_cfg.out)
     handler = _log_to_file(run_cfg.out) if "://" not in run_cfg.out else None

@@ -87,3 +87,15 @@ def test_bad_yaml_is_a_clear_error(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         config.load_yaml(str(bad))
+
+
+def test_relative_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    """Ray workers do not share the driver's working directory."""
+    from pseudo.classify import ClassifyConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"x")
+    cfg = config.absolute_paths(ClassifyConfig(data="shards/crawl", out="s3://bucket/run", backbone_weights="w.pt"))
+    assert cfg.data == str(tmp_path / "shards" / "crawl") and cfg.out == "s3://bucket/run"
+    assert cfg.backbone_weights == str(tmp_path / "w.pt")
+    assert config.absolute_paths(ClassifyConfig(data="d", out="o", backbone_weights="imagenet")).backbone_weights == "imagenet"
