@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 
 import torch
@@ -26,7 +24,9 @@ from ingest import masks, shards
 from ingest.voc import import_voc
 from ingest.world import make_world
 from pseudo.classifier import load_classifier
-from pseudo.classify import RAY_TRAIN_ENV, ClassifyConfig, eval_transform, run_classify
+from bench.common import write_result
+from ingest.resources import RAY_TRAIN_ENV
+from pseudo.classify import ClassifyConfig, eval_transform, run_classify
 from pseudo.peak_stimulation import find_peaks
 
 THRESHOLDS = (0.0, 0.25, 0.5)
@@ -121,20 +121,11 @@ def main() -> None:
         epoch_s = sum(json.loads(l)["train_time_s"] for l in f if l.strip())
     rows += [{"metric": "training steps, summed over epochs", "value": epoch_s, "unit": "s"},
              {"metric": "run_classify wall time (this invocation)", "value": train_s, "unit": "s"}]
-    result = {"benchmark": "classifier", "command": " ".join(["python", "-m", "bench.classifier"] + sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "figures": {r["metric"]: r["value"] for r in rows},
-              "world": {k: info[k] for k in ("classes", "images", "train", "val", "instances", "size")},
-              "held_out_instances": peaks["instances"], "run": run, "epochs": summary["epochs_done"],
-              "final_train_loss": final["loss"], "config": summary["config"]}
-    for r in rows:
-        print(f"classifier  {r['metric']:<52} {r['value']:.4g} {r['unit']}")
-    path = args.json or os.path.join(args.out, "bench.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result("classifier", rows, args.json or os.path.join(args.out, "bench.json"),
+                 world={k: info[k] for k in ("classes", "images", "train", "val", "instances", "size")},
+                 held_out_instances=peaks["instances"], run=run, epochs=summary["epochs_done"],
+                 final_train_loss=final["loss"], config=summary["config"])
+
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,8 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu_cores": os.cpu_count(), "memory_gib": round(mem, 1), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+            "torch": torch.__version__, "platform": platform.platform(),
+            "load_average_1min_at_end": os.getloadavg()[0]}  # other jobs on the cores skew throughput
 
 
 def write_result(name: str, rows: list[dict], path: str | None, **extra) -> dict:

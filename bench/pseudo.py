@@ -20,15 +20,13 @@ the same with its own figures).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import time
 
 import numpy as np
 import torch
 
+from bench.common import write_result
 from ingest import shards
 from pseudo.classifier import load_classifier
 from pseudo.fidelity import FidelityAccumulator, image_size
@@ -129,7 +127,8 @@ def train_classifier(out: str, images: int) -> tuple[str, str]:
 
     from ingest.voc import import_voc
     from ingest.world import make_world
-    from pseudo.classify import RAY_TRAIN_ENV, ClassifyConfig, run_classify
+    from ingest.resources import RAY_TRAIN_ENV
+    from pseudo.classify import ClassifyConfig, run_classify
 
     for k, v in RAY_TRAIN_ENV.items():
         os.environ.setdefault(k, v)
@@ -199,18 +198,7 @@ def main() -> None:
         rows.append({"metric": "1 -> 2 actor scaling efficiency (first to last shard)", "value": tp["efficiency"],
                      "unit": ""})
         extra["throughput"] = tp
-    for r in rows:
-        print(f"pseudo  {r['metric']:<56} {r['value']:.4g} {r['unit']}")
-    result = {"benchmark": "pseudo", "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": {"cpu_cores": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
-                          "python": platform.python_version(), "torch": torch.__version__,
-                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "rows": rows, **extra}
-    path = args.json or os.path.join(args.out, "bench.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result("pseudo", rows, args.json or os.path.join(args.out, "bench.json"), **extra)
 
 
 if __name__ == "__main__":

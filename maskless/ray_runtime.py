@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import os
 
+from ingest.resources import RAY_TRAIN_ENV
+
 log = logging.getLogger(__name__)
 
 # Ray prints a lot that users of a CLI do not need; --verbose turns it back on.
 QUIET_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_DEDUP_LOGS": "1",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    **RAY_TRAIN_ENV,
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
 }
 

@@ -17,8 +17,6 @@ finished; a rerun skips recorded stages, and each stage itself skips its finishe
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import time

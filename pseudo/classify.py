@@ -27,7 +27,7 @@ from torchvision import transforms
 
 from ingest import shards, storage
 from ingest.run_folder import claim_run_folder
-from ingest.resources import has_gpus
+from ingest.resources import RAY_TRAIN_ENV, has_gpus
 from pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, save_classifier)
 from pseudo.peak_stimulation import BACKWARD_MODES
@@ -42,9 +42,6 @@ RUN_FILE = "run.json"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # settings a rerun into an existing run folder must share with it (the rest, e.g. epochs, may change)
 RUN_IDENTITY = ("data", "val_data", "val_fraction", "backbone", "backbone_weights", "peak_backward")
-# lower Ray Train's fixed cost per fit (measured in NOTES-2-cores.md: ~16 s -> ~12.5 s); the
-# trainer forwards these from the driver's environment to its controller and workers
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @dataclass

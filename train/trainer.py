@@ -26,7 +26,7 @@ from ray.train import UserCallback
 
 from ingest import storage
 from ingest.run_folder import claim_run_folder
-from ingest.resources import has_gpus
+from ingest.resources import RAY_TRAIN_ENV, has_gpus
 from train.dataset import MASK_SOURCES, ShardDataset, build_index, collate, rank_batches, steps_per_epoch
 from train.maskrcnn import ARCHS, build_model, build_options, resolve_norm, save_model, weights_file
 
@@ -42,8 +42,6 @@ EXPORT_NAME = "model.pt"
 # settings a rerun into an existing run folder must share with it (the rest, e.g. epochs, may change)
 RUN_IDENTITY = ("data", "masks", "score_threshold", "keep_empty", "arch", "weights", "norm", "min_size",
                 "max_size", "anchor_sizes", "trainable_backbone_layers", "batch_size", "workers", "seed")
-# lower Ray Train's fixed cost per fit (NOTES-2-cores.md: ~16 s -> ~12.5 s)
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
