@@ -9,7 +9,7 @@ classifier with `run_classify` (Ray Train, from scratch), then on the held-out i
 - peak precision: the fraction of those peaks that lie inside an instance of their class, and the
   mean number of peaks per (image, labelled class): a hit rate means little if peaks are everywhere.
 
-    .venv/bin/python -m bench.classifier [--classes 4] [--images 400] [--epochs 12] [--out /tmp/bench-classifier]
+    .venv/bin/python -m bench.classifier [--classes 4] [--images 400] [--epochs 40] [--out /tmp/bench-classifier]
 """
 from __future__ import annotations
 
@@ -69,11 +69,11 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--images", type=int, default=400)
     ap.add_argument("--size", type=int, default=128, help="world image side")
-    ap.add_argument("--image-size", type=int, default=256, help="classifier input side")
+    ap.add_argument("--image-size", type=int, default=128, help="classifier input side")
     ap.add_argument("--backbone", default="tiny")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--peak-backward", default="prm")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cpus-per-worker", type=float, default=2.0)

@@ -2,7 +2,8 @@
 
 1. Fidelity table (in-process, no Ray): for each peak response rule (prm, gradient), proposal source
    (selective search, superpixel merging) x objectness proxy (stability, contrast) and proposal rule
-   (prm retrieval, wise), the pseudo masks of the first --images images are scored against gt.json:
+   (prm retrieval, wise), plus the response rule (no proposals) once per response rule, the pseudo
+   masks of the first --images images are scored against gt.json:
    ABO (same-class), instance precision and recall at IoU 0.5, semantic mIoU (pseudo/fidelity.py).
    Peak responses are computed once per response rule and proposals once per source, then reused.
    Oracle rows: each gt instance takes its best proposal (an upper bound on any rule; the recall
@@ -58,20 +59,28 @@ def fidelity_table(run: str, samples: list[shards.Sample]) -> list[dict]:
         t = time.time()
         responses = [maskers["prm", 100].responses(im, s.labels) for im, s in zip(images, samples)]
         resp_time = (time.time() - t) / len(images)
+        rows.append(_masked_row(PseudoMasker(model, classes, train_config, MaskerOptions(rule="response", response=response)),
+                                samples, responses, [None] * len(samples), classes, response, ("-", "-"), "response",
+                                resp_time))
         for key in sources:
             for (rule, top), masker in maskers.items():
-                acc = FidelityAccumulator(classes)
-                t = time.time()
-                for s, pr, props in zip(samples, responses, proposals[key]):
-                    acc.add(s.gt, {"instances": masker.instances(pr, props)}, image_size(s))
-                r = acc.result()
-                rows.append({"response": response, "source": key[0], "objectness": key[1],
-                             "rule": rule if top else f"{rule} (all proposals)",
-                             "abo": r["abo_same_class"], "precision": r["precision"], "recall": r["recall"],
-                             "miou": r["miou"], "pseudo_instances": r["pseudo_instances"],
-                             "gt_instances": r["gt_instances"],
-                             "s_per_image": prop_time[key] + resp_time + (time.time() - t) / len(images)})
+                rows.append(_masked_row(masker, samples, responses, proposals[key], classes, response, key,
+                                        rule if top else f"{rule} (all proposals)", prop_time[key] + resp_time))
     return rows
+
+
+def _masked_row(masker: PseudoMasker, samples: list[shards.Sample], responses: list, proposals: list,
+                classes: list[str], response: str, source: tuple[str, str], rule: str, seconds: float) -> dict:
+    """One fidelity row: the masker's instances from precomputed responses and proposals."""
+    acc = FidelityAccumulator(classes)
+    t = time.time()
+    for s, pr, props in zip(samples, responses, proposals):
+        acc.add(s.gt, {"instances": masker.instances(pr, props)}, image_size(s))
+    r = acc.result()
+    return {"response": response, "source": source[0], "objectness": source[1], "rule": rule,
+            "abo": r["abo_same_class"], "precision": r["precision"], "recall": r["recall"], "miou": r["miou"],
+            "pseudo_instances": r["pseudo_instances"], "gt_instances": r["gt_instances"],
+            "s_per_image": seconds + (time.time() - t) / len(samples)}
 
 
 def _oracle(samples: list[shards.Sample], proposals: list, considered_only: bool) -> dict:
@@ -139,8 +148,8 @@ def train_classifier(out: str, images: int) -> tuple[str, str]:
     run = os.path.join(out, "classifier")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        run_classify(ClassifyConfig(data=data, out=run, backbone="tiny", backbone_weights="none", epochs=12,
-                                    lr=0.05, image_size=256, cpus_per_worker=2.0))
+        run_classify(ClassifyConfig(data=data, out=run, backbone="tiny", backbone_weights="none", epochs=40,
+                                    lr=0.01, image_size=128, cpus_per_worker=2.0))
     finally:
         ray.shutdown()
     return run, data

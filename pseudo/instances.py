@@ -15,14 +15,15 @@ from pseudo.classifier import PeakClassifier
 from pseudo.classify import eval_transform
 from pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
 from pseudo.proposals import Proposals
-from pseudo.retrieval import RULES, Candidate, PrmScorer, RetrievalOptions, considered, nms, to_instance, wise_select
+from pseudo.retrieval import (RULES, Candidate, PrmScorer, RetrievalOptions, considered, nms, response_mask, to_instance,
+                              wise_select)
 
 CLASS_SOURCES = ("labels", "predicted")
 
 
 @dataclass
 class MaskerOptions:
-    rule: str = "prm"                 # proposal choice: prm (retrieval score) or wise (objectness at the point)
+    rule: str = "prm"                 # prm (retrieval score), wise (objectness at the point), response (map itself)
     response: str = "prm"             # peak response backward rule: prm or gradient
     classes_from: str = "labels"      # peaks for the image's labels, or for the classes the classifier predicts
     class_threshold: float = 0.0      # a class is predicted when its score (logit) is above this
@@ -95,15 +96,25 @@ class PseudoMasker:
         points = np.minimum(yx.long().numpy(), [h - 1, w - 1])
         return PeakResponses(peaks, points, resp.numpy(), class_maps.numpy())
 
-    def instances(self, pr: PeakResponses, proposals: Proposals) -> list[dict]:
-        """One proposal per peak by the configured rule, then NMS -> FORMAT.md instances."""
+    def instances(self, pr: PeakResponses, proposals: Proposals | None) -> list[dict]:
+        """One mask per peak by the configured rule, then NMS -> FORMAT.md instances. The response
+        rule needs no proposals (None); the others do."""
         h, w = pr.responses.shape[1:]
-        if proposals.image_size != (h, w):
+        if proposals is None:
+            if self.opts.rule != "response":
+                raise ValueError(f"rule {self.opts.rule!r} picks proposals: pass them")
+        elif proposals.image_size != (h, w):
             raise ValueError(f"proposals are for a {proposals.image_size} image, the image is {(h, w)}")
         opts, candidates = self.opts.retrieval, []
         index = considered(proposals, opts) if self.opts.rule == "wise" else None
         scorers: dict[int, PrmScorer] = {}
         for p, point, r in zip(pr.peaks, pr.points, pr.responses):
+            yx = (int(point[0]), int(point[1]))
+            if self.opts.rule == "response":
+                mask = response_mask(r, yx, opts.response_blur, opts.response_threshold)
+                if mask.any():
+                    candidates.append(Candidate(p.cls, p.value, mask, yx, r))
+                continue
             if self.opts.rule == "prm":
                 if p.cls not in scorers:
                     scorers[p.cls] = PrmScorer(proposals, pr.class_maps[p.cls], opts)
@@ -112,9 +123,8 @@ class PseudoMasker:
                 found = wise_select(r, proposals, index)
                 picked = None if found is None else (found[0], p.value)
             if picked is not None:
-                candidates.append(Candidate(p.cls, float(picked[1]), proposals.mask(picked[0]),
-                                            (int(point[0]), int(point[1])), r))
+                candidates.append(Candidate(p.cls, float(picked[1]), proposals.mask(picked[0]), yx, r))
         return [to_instance(c, self.classes) for c in nms(candidates, opts)]
 
-    def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals) -> list[dict]:
+    def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals | None) -> list[dict]:
         return self.instances(self.responses(image, labels), proposals)

@@ -1,4 +1,4 @@
-"""Pick one proposal per peak (PRM's retrieval score or WISE's rule), then NMS -> instances."""
+"""One mask per peak (PRM's retrieval score, WISE's rule, or the peak response map itself), then NMS."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ import numpy as np
 from ingest import masks as rle
 from pseudo.proposals import Proposals
 
-RULES = ("prm", "wise")
+RULES = ("prm", "wise", "response")
 
 
 @dataclass
@@ -25,6 +25,8 @@ class RetrievalOptions:
     min_area: float = 2e-5           # fraction of the image; smaller proposals are skipped
     max_area: float = 0.85           # larger-or-equal proposals are skipped
     max_proposals: int = 100         # the first N proposals by objectness are considered (0 = all)
+    response_blur: float = 0.03      # rule "response": Gaussian sigma, fraction of the image's shorter side
+    response_threshold: float = 0.4  # rule "response": mask where the smoothed map >= this x its maximum
     nms_iou: float = 0.3
     merge_responses: bool = True     # a suppressed peak's response map is added to its keeper's
     class_agnostic_nms: bool = False
@@ -38,6 +40,9 @@ class RetrievalOptions:
             raise ValueError("nms_iou must be in (0, 1]")
         if self.max_proposals < 0:
             raise ValueError("max_proposals must be >= 0 (0 = all)")
+        if self.response_blur < 0 or not 0 < self.response_threshold < 1:
+            raise ValueError(f"need response_blur >= 0 and 0 < response_threshold < 1, got "
+                             f"{self.response_blur}, {self.response_threshold}")
 
 
 @dataclass
@@ -107,6 +112,21 @@ def wise_select(response: np.ndarray, proposals: Proposals, index: np.ndarray) -
     if not containing:
         return None
     return max(containing, key=lambda n: proposals.scores[n]), (int(y), int(x))
+
+
+def response_mask(response: np.ndarray, point: tuple[int, int], blur: float, threshold: float) -> np.ndarray:
+    """maskless's rule: the peak response map as the mask, no proposals. Peak backpropagation lights
+    an object's texture and edges rather than its whole surface, so the map is first smoothed (Gaussian,
+    sigma = blur x the image's shorter side), then kept where >= threshold x its maximum; the connected
+    component holding the peak is the mask (the one holding the map's maximum when the peak is outside).
+    Measured against PRM's proposal score on the world in docs/PSEUDO.md."""
+    r = response.astype(np.float32)
+    if blur > 0:
+        r = cv2.GaussianBlur(r, (0, 0), blur * min(r.shape))
+    keep = (r >= threshold * float(r.max())).astype(np.uint8) if r.max() > 0 else np.zeros(r.shape, np.uint8)
+    _, labels = cv2.connectedComponents(keep)
+    y, x = point if keep[point] else np.unravel_index(int(np.argmax(r)), r.shape)
+    return labels == labels[y, x] if keep[y, x] else np.zeros(r.shape, bool)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

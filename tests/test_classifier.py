@@ -54,10 +54,11 @@ def test_model_shapes_and_class_response_maps_are_differentiable():
     model = PeakClassifier(3, backbone="tiny").eval()  # eval: BatchNorm must not mix the two images
     x = torch.randn(2, 3, 64, 64, requires_grad=True)
     crm = model.class_response_maps(x)
-    assert crm.shape == (2, 3, 16, 16) and model(x).shape == (2, 3)
-    # a 2x2 feature map (cells centred at 16 and 48 px) upsampled to 16x16: its ends map to the centres
-    corners = model.crm_to_input(torch.tensor([[0, 15], [15, 0]]), (16, 16), (64, 64))
-    assert corners.tolist() == [[16.0, 48.0], [48.0, 16.0]]
+    assert crm.shape == (2, 3, 64, 64) and model(x).shape == (2, 3)  # tiny: stride 8, upsampled x8
+    # an 8x8 feature map (cells centred at 4, 12, ..., 60 px) upsampled to 64x64: its ends map to the
+    # end cells' centres, and map index 9 sits at feature 1 = the second cell's centre
+    corners = model.crm_to_input(torch.tensor([[0, 63], [63, 9]]), (64, 64), (64, 64))
+    assert corners.tolist() == [[4.0, 60.0], [60.0, 12.0]]
     crm[0, 1, 5, 5].backward()
     assert x.grad is not None and x.grad[0].abs().sum() > 0 and x.grad[1].abs().sum() == 0
 
