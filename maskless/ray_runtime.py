@@ -15,6 +15,7 @@ QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",
     **RAY_TRAIN_ENV,
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_LOG_LEVEL": "ERROR",  # Ray Data's per-dataset INFO lines and its "progress bars disabled" warning
 }
 
 

@@ -15,6 +15,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -35,8 +36,9 @@ class PseudoConfig:
     classifier: str = field(default="", metadata={"help": "classify run folder or its classifier.pt"})
     data: str = field(default="", metadata={"help": "input shard dataset (images with image-level labels)"})
     out: str = field(default="", metadata={"help": "output shard dataset: same shards with pseudo.json added"})
-    rule: str = field(default="prm", metadata={
-        "help": "proposal choice per peak: prm (retrieval score) or wise (highest objectness at the point)",
+    rule: str = field(default="response", metadata={
+        "help": "mask per peak: response (the smoothed peak response map; measured best, docs/PSEUDO.md), "
+                "prm (proposal by PRM's retrieval score) or wise (highest-objectness proposal at the point)",
         "choices": list(RULES)})
     response: str = field(default="prm", metadata={
         "help": "peak response backward rule: prm (peak backpropagation) or gradient (WISE)",
@@ -63,6 +65,10 @@ class PseudoConfig:
     min_area: float = field(default=2e-5, metadata={"help": "skip proposals under this fraction of the image"})
     max_area: float = field(default=0.85, metadata={"help": "skip proposals at or over this fraction"})
     max_proposals: int = field(default=100, metadata={"help": "best N proposals by objectness considered (0 = all)"})
+    response_blur: float = field(default=0.03, metadata={
+        "help": "rule response: Gaussian sigma as a fraction of the image's shorter side"})
+    response_threshold: float = field(default=0.4, metadata={
+        "help": "rule response: mask where the smoothed map >= this x its maximum"})
     nms_iou: float = field(default=0.3, metadata={"help": "NMS IoU threshold between a peak's instances"})
     merge_responses: bool = field(default=True, metadata={"help": "NMS adds suppressed peaks' response maps"})
     class_agnostic_nms: bool = field(default=False, metadata={"help": "NMS across classes"})
@@ -77,8 +83,16 @@ class PseudoConfig:
     gpus_per_actor: float = field(default=1.0, metadata={"help": "GPUs per actor when use_gpu"})
     fail_shards: list[str] = field(default_factory=list, metadata={
         "cli": False, "help": "failure injection for tests: the actor fails halfway through these shards"})
+    shard_retries: int = field(default=3, metadata={
+        "help": "times a shard is retried after its actor process died; then the run fails naming it"})
     fail_mode: str = field(default="raise", metadata={
-        "cli": False, "help": "failure injection: raise (an exception) or exit (the actor process dies, once)"})
+        "cli": False, "help": "failure injection: raise (an exception), exit (the actor process dies, once) "
+                              "or exit_always (it dies on every attempt)"})
+
+    @property
+    def needs_proposals(self) -> bool:
+        """The response rule takes its masks from the peak response maps: no proposals to compute."""
+        return self.rule != "response"
 
     def masker_options(self) -> MaskerOptions:
         names = {f.name for f in dataclasses.fields(RetrievalOptions)}
@@ -100,8 +114,10 @@ class PseudoConfig:
             raise ValueError("--actors and --threads must be >= 1")
         if self.actor_cpus <= 0 or self.proposal_cpus <= 0 or self.gpus_per_actor <= 0:
             raise ValueError("--actor-cpus, --proposal-cpus and --gpus-per-actor must be > 0")
-        if self.fail_mode not in ("raise", "exit"):
-            raise ValueError("fail_mode must be raise or exit")
+        if self.fail_mode not in ("raise", "exit", "exit_always"):
+            raise ValueError("fail_mode must be raise, exit or exit_always")
+        if self.shard_retries < 0:
+            raise ValueError("--shard-retries must be >= 0")
         same = (self.data.rstrip("/") == self.out.rstrip("/") if "://" in self.data
                 else os.path.abspath(self.data) == os.path.abspath(self.out))
         if same:
@@ -140,18 +156,23 @@ class PseudoActor:
         torch.set_num_threads(self.cfg.threads)
         model, classes, train_config = load_classifier(self.cfg.classifier)
         self.masker = PseudoMasker(model, classes, train_config, self.cfg.masker_options(), device)
-        self.source = make_source(self.cfg.proposals, self.cfg.objectness).name
+        self.source = make_source(self.cfg.proposals, self.cfg.objectness).name if self.cfg.needs_proposals else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
         for i, name in enumerate(batch["name"]):
-            timing = {"proposals_reused": int(batch["proposals_reused"][i]),
-                      "proposals_started": float(batch["proposals_started"][i]),
-                      "proposal_seconds": round(float(batch["proposal_seconds"][i]), 3)}
-            rows.append(self._shard(str(name), str(batch["shard"][i]), pickle.loads(batch["proposals"][i]), timing))
+            if "proposals" in batch:
+                timing = {"proposals_reused": int(batch["proposals_reused"][i]),
+                          "proposals_started": float(batch["proposals_started"][i]),
+                          "proposal_seconds": round(float(batch["proposal_seconds"][i]), 3)}
+                proposals = pickle.loads(batch["proposals"][i])
+            else:
+                timing = {"proposals_reused": 0, "proposals_started": time.time(), "proposal_seconds": 0.0}
+                proposals = None
+            rows.append(self._shard(str(name), str(batch["shard"][i]), proposals, timing))
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
-    def _shard(self, name: str, path: str, proposals: dict[str, bytes], timing: dict) -> dict[str, Any]:
+    def _shard(self, name: str, path: str, proposals: dict[str, bytes] | None, timing: dict) -> dict[str, Any]:
         cfg, start = self.cfg, time.time()
         row = {"name": name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": ""}
         if storage.exists(storage.join(cfg.out, name + ".tar")):
@@ -161,10 +182,10 @@ class PseudoActor:
                 for s in shards.read_shard(path):
                     if name in cfg.fail_shards and len(writer) == 1:
                         self._inject_failure(name)
-                    props = Proposals.from_bytes(proposals[s.key])
+                    props = None if proposals is None else Proposals.from_bytes(proposals[s.key])
                     instances = self.masker(_image(s), s.labels, props)
                     extra = {k: v for k, v in s.extra.items() if k != CACHE_ENTRY}
-                    if cfg.cache_proposals:
+                    if cfg.cache_proposals and proposals is not None:
                         extra[CACHE_ENTRY] = proposals[s.key]
                     pseudo = {"instances": instances, "classifier": cfg.classifier, "rule": cfg.rule,
                               "response": cfg.response, "proposals": self.source}
@@ -185,7 +206,7 @@ class PseudoActor:
         if self.cfg.fail_mode == "raise":
             raise RuntimeError(f"injected failure in shard {name}")
         marker = storage.join(self.cfg.out, f".crash-{name}.tmp")  # hidden temp: removed by the next run
-        if not storage.exists(marker):
+        if self.cfg.fail_mode == "exit_always" or not storage.exists(marker):
             storage.write_bytes_atomic(marker, b"")
             os._exit(1)  # the actor process dies mid-shard, once
 
@@ -218,6 +239,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     use_gpu = _gpu_available() if cfg.use_gpu is None else cfg.use_gpu
     start = time.time()
     rows: list[dict] = []
+    crashed = ""
     if todo:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
@@ -225,28 +247,44 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # with GPU actors the two steps differ in resources, so Ray Data keeps proposals on CPU tasks;
         # on CPU-only clusters it fuses them into the actors, which saves a copy and changes no result
-        ds = ds.map_batches(compute_proposals, batch_size=1, num_cpus=cfg.proposal_cpus,
-                            fn_kwargs={"source_name": cfg.proposals, "objectness": cfg.objectness})
-        ds = ds.map_batches(PseudoActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
-                            num_cpus=cfg.actor_cpus, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
-                            fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg),
-                                                   "device": "cuda" if use_gpu else "cpu"})
-        rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.take_all()]
+        if cfg.needs_proposals:
+            ds = ds.map_batches(compute_proposals, batch_size=1, num_cpus=cfg.proposal_cpus,
+                                fn_kwargs={"source_name": cfg.proposals, "objectness": cfg.objectness})
+        # Ray Data restarts a dead actor without limit and by default retries its task without limit:
+        # a shard that kills its actor every time would loop forever, so its retries are bounded. In
+        # Ray 2.60 max_task_retries can only go through the deprecated **ray_remote_args (hence the
+        # pin below 2.64 in pyproject.toml and the silenced deprecation warning).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+            ds = ds.map_batches(PseudoActor, batch_size=1,
+                                compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
+                                num_cpus=cfg.actor_cpus, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
+                                max_task_retries=cfg.shard_retries,
+                                fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg),
+                                                       "device": "cuda" if use_gpu else "cpu"})
+        try:
+            rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.take_all()]
+        except Exception as e:  # a shard's actor died more than shard_retries times: the run stops here
+            log.error("pseudo: Ray Data stopped: %s", e)
+            crashed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     failed = {r["name"]: r["error"] for r in rows if r["error"]}
-    missing = [n for n in names if n not in set(shards.shard_names(cfg.out))]
+    written = set(shards.shard_names(cfg.out))
+    missing = [n for n in names if n not in written]
     summary = {
-        "shards": len(names), "skipped": len(done), "processed": len(rows) - len(failed), "failed": failed,
+        "shards": len(names), "skipped": len(done), "processed": len([n for n in todo if n in written]),
+        "failed": failed, "ray_error": crashed,
         "images": int(sum(r["count"] for r in rows)), "instances": int(sum(r["instances"] for r in rows)),
         "images_without_instances": int(sum(r["empty"] for r in rows)),
         "seconds": round(time.time() - start, 3), "actors": cfg.actors, "gpu": use_gpu,
-        "rule": cfg.rule, "response": cfg.response, "proposals": cfg.proposals, "out": cfg.out,
+        "rule": cfg.rule, "response": cfg.response, "proposals": cfg.proposals if cfg.needs_proposals else None,
+        "out": cfg.out,
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
         raise RuntimeError(f"pseudo: {len(missing)} shard(s) not written ({', '.join(missing)}): "
-                           f"{failed or 'see the Ray logs'}; rerun the same command to redo them")
+                           f"{failed or crashed or 'see the Ray logs'}; rerun the same command to redo them")
     info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
-                                     response=cfg.response, proposals=cfg.proposals)
+                                     response=cfg.response, proposals=cfg.proposals if cfg.needs_proposals else None)
     summary["samples"] = info["samples"]
     log.info("pseudo: %s", summary)
     return summary

@@ -1,4 +1,5 @@
 """Pseudo masks: peak responses, proposals, retrieval, NMS, the Ray stage and the fidelity report."""
+import json
 import os
 
 import numpy as np
@@ -10,10 +11,10 @@ from torch import nn
 
 from ingest import masks as rle
 from ingest import shards
-from pseudo.fidelity import FidelityAccumulator, FidelityConfig, run_fidelity
+from pseudo.fidelity import FidelityAccumulator, FidelityConfig, image_size, run_fidelity
 from pseudo.peak_response import Peak, peak_response_maps
 from pseudo.proposals import CACHE_ENTRY, Proposals, SelectiveSearch, SuperpixelMerging, cached_or_compute
-from pseudo.retrieval import Candidate, PrmScorer, RetrievalOptions, contour, nms, wise_select
+from pseudo.retrieval import Candidate, PrmScorer, RetrievalOptions, contour, nms, response_mask, wise_select
 from pseudo.stage import PseudoConfig, run_pseudo
 
 
@@ -131,6 +132,27 @@ def test_prm_score_picks_the_object_proposal():
     assert wise_select(response, props, scorer.index) == (0, (15, 12))
 
 
+def test_response_mask_is_the_peaks_component_of_the_smoothed_map():
+    r = np.zeros((40, 40))
+    r[5:15, 5:15] = 1.0             # the peak's object
+    r[25:35, 25:35] = 0.6           # another bright region, not connected to it
+    r[8, 8] = 3.0                   # the peak's maximum
+    # no smoothing: above 0.3 x max (0.9) -> the peak's pixel only, the 1.0 square is under it
+    assert (response_mask(r, (8, 8), blur=0.0, threshold=0.3) == (r >= 0.9)).all()
+    low = response_mask(r, (8, 8), blur=0.0, threshold=0.1)           # 0.3: both squares pass ...
+    assert low.sum() == 100 and low[5:15, 5:15].all()                 # ... but only the peak's is kept
+    # a peak outside the kept pixels takes the component of the map's maximum
+    assert (response_mask(r, (30, 2), blur=0.0, threshold=0.1) == low).all()
+    # smoothing (sigma = 0.05 x 40 = 2 px) spreads the maximum's square a little beyond its edge
+    import cv2
+    blurred = cv2.GaussianBlur(r.astype(np.float32), (0, 0), 2.0)
+    smooth = response_mask(r, (8, 8), blur=0.05, threshold=0.2)
+    top_left = np.zeros(r.shape, bool)
+    top_left[:20, :20] = True       # the smoothed squares stay apart: the other one is not in the mask
+    assert (smooth == ((blurred >= 0.2 * blurred.max()) & top_left)).all() and smooth.sum() > 100
+    assert not response_mask(np.zeros((10, 10)), (5, 5), 0.05, 0.4).any()
+
+
 def test_nms_merges_duplicates():
     a, b, c = _box(0, 10, 0, 10), _box(1, 11, 0, 10), _box(20, 30, 20, 30)
     r = [np.full((40, 40), v) for v in (1.0, 2.0, 4.0, 8.0)]
@@ -215,6 +237,12 @@ def test_ray_stage_two_actors_failed_and_killed_shards_rerun(ray_local, world_sh
     assert set(shards.shard_names(out)) == set(names) - {names[1]}
     assert not os.path.exists(os.path.join(out, "dataset.json"))
 
+    # an actor process that dies on every attempt: retried shard_retries times, then the run fails naming it
+    with pytest.raises(RuntimeError, match=names[1]):
+        run_pseudo(PseudoConfig(**cfg, fail_shards=[names[1]], fail_mode="exit_always", shard_retries=1))
+    assert set(shards.shard_names(out)) == set(names) - {names[1]}
+    assert json.load(open(os.path.join(out, "pseudo.summary.json")))["ray_error"]
+
     # the rerun does only the missing shard; its actor process dies halfway, Ray restarts it, it is redone
     summary = run_pseudo(PseudoConfig(**cfg, fail_shards=[names[1]], fail_mode="exit"))
     assert os.path.exists(os.path.join(out, f".crash-{names[1]}.tmp"))  # the actor really died mid-shard
@@ -234,6 +262,15 @@ def test_ray_stage_two_actors_failed_and_killed_shards_rerun(ray_local, world_sh
     report = run_fidelity(FidelityConfig(data=out, out=str(tmp_path / "report"), grid_images=2))
     assert report["images"] == len(keys) and report["gt_instances"] > 0
     assert {"fidelity.json", "fidelity.md", "fidelity.png"} <= set(os.listdir(tmp_path / "report"))
+    assert again["rule"] == "response" and again["proposals"] is None  # the default rule computes no proposals
+
+    # PRM's rule goes through the proposal tasks and can keep the proposals in the shards
+    prm_out = str(tmp_path / "pseudo-prm")
+    run_pseudo(PseudoConfig(**{**cfg, "out": prm_out}, rule="prm", cache_proposals=True))
+    prm = list(shards.read_dataset(prm_out))
+    assert sorted(s.key for s in prm) == sorted(keys)
+    assert all(s.pseudo["rule"] == "prm" and s.pseudo["proposals"].startswith("selective_search") for s in prm)
+    assert all(Proposals.from_bytes(s.extra[CACHE_ENTRY]).image_size == image_size(s) for s in prm)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
@@ -241,6 +278,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
         PseudoConfig(data="a", out="b").validate()
     with pytest.raises(ValueError, match="rule"):
         PseudoConfig(classifier="c", data="a", out="b", rule="best").validate()
+    with pytest.raises(ValueError, match="response_threshold"):
+        PseudoConfig(classifier="c", data="a", out="b", response_threshold=1.5).validate()
     with pytest.raises(ValueError, match="differ"):
         PseudoConfig(classifier="c", data="a", out="a").validate()
     with pytest.raises(FileNotFoundError, match="no complete shard"):
@@ -275,3 +314,10 @@ def test_masker_instances_follow_the_class_choice(classes_from):
         m = rle.decode(inst["mask"])
         assert m.shape == (64, 64) and m.any() and 0 <= inst["peak"][0] < 64 and 0 <= inst["peak"][1] < 64
         assert inst["bbox"] == rle.bbox_xywh(inst["mask"])
+    # the response rule needs no proposals, the proposal rules do
+    masker.opts.class_threshold = -1e9
+    masker.opts.rule = "response"
+    assert masker(image, ["b"], None)
+    masker.opts.rule = "prm"
+    with pytest.raises(ValueError, match="pass them"):
+        masker(image, ["b"], None)
