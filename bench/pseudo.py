@@ -2,8 +2,8 @@
 
 1. Fidelity table (in-process, no Ray): for each peak response rule (prm, gradient), proposal source
    (selective search, superpixel merging) x objectness proxy (stability, contrast) and proposal rule
-   (prm retrieval, wise), plus the response rule (no proposals) once per response rule, the pseudo
-   masks of the first --images images are scored against gt.json:
+   (prm retrieval, wise), plus the response rule (no proposals) once per response rule, each without
+   and with GrabCut refinement, the pseudo masks of the first --images images are scored against gt.json:
    ABO (same-class), instance precision and recall at IoU 0.5, semantic mIoU (pseudo/fidelity.py).
    Peak responses are computed once per response rule and proposals once per source, then reused.
    Oracle rows: each gt instance takes its best proposal (an upper bound on any rule; the recall
@@ -33,6 +33,7 @@ from pseudo.classifier import load_classifier
 from pseudo.fidelity import FidelityAccumulator, image_size
 from pseudo.instances import MaskerOptions, PseudoMasker
 from pseudo.proposals import SCORES, SOURCES, make_source
+from pseudo.refine import REFINERS
 from pseudo.retrieval import RetrievalOptions
 from pseudo.stage import PseudoConfig, run_pseudo
 
@@ -49,35 +50,42 @@ def fidelity_table(run: str, samples: list[shards.Sample]) -> list[dict]:
     rows = []
     for key, props in proposals.items():
         rows.append({"response": "-", "source": key[0], "objectness": key[1], "rule": "oracle (best considered)",
+                     "refine": "-",
                      **_oracle(samples, props, True), "s_per_image": prop_time[key]})
         rows.append({"response": "-", "source": key[0], "objectness": key[1], "rule": "oracle (best of all)",
+                     "refine": "-",
                      **_oracle(samples, props, False), "s_per_image": prop_time[key]})
     for response in ("prm", "gradient"):
-        maskers = {(rule, top): PseudoMasker(model, classes, train_config, MaskerOptions(
-                       rule=rule, response=response, retrieval=RetrievalOptions(max_proposals=top)))
-                   for rule, top in (("prm", 100), ("wise", 100), ("prm", 0))}
+        def masker(rule: str, refine: str, top: int = 100) -> PseudoMasker:
+            return PseudoMasker(model, classes, train_config, MaskerOptions(
+                rule=rule, response=response, refine=refine, retrieval=RetrievalOptions(max_proposals=top)))
+
         t = time.time()
-        responses = [maskers["prm", 100].responses(im, s.labels) for im, s in zip(images, samples)]
+        responses = [masker("response", "none").responses(im, s.labels) for im, s in zip(images, samples)]
         resp_time = (time.time() - t) / len(images)
-        rows.append(_masked_row(PseudoMasker(model, classes, train_config, MaskerOptions(rule="response", response=response)),
-                                samples, responses, [None] * len(samples), classes, response, ("-", "-"), "response",
-                                resp_time))
+        for refine in REFINERS:
+            rows.append(_masked_row(masker("response", refine), samples, responses, [None] * len(samples), classes,
+                                    response, ("-", "-"), "response", refine, resp_time))
+        variants = [("prm", "none", 100), ("wise", "none", 100), ("prm", "none", 0), ("prm", "grabcut", 100),
+                    ("wise", "grabcut", 100)]
         for key in sources:
-            for (rule, top), masker in maskers.items():
-                rows.append(_masked_row(masker, samples, responses, proposals[key], classes, response, key,
-                                        rule if top else f"{rule} (all proposals)", prop_time[key] + resp_time))
+            for rule, refine, top in variants:
+                rows.append(_masked_row(masker(rule, refine, top), samples, responses, proposals[key], classes,
+                                        response, key, rule if top else f"{rule} (all proposals)", refine,
+                                        prop_time[key] + resp_time))
     return rows
 
 
 def _masked_row(masker: PseudoMasker, samples: list[shards.Sample], responses: list, proposals: list,
-                classes: list[str], response: str, source: tuple[str, str], rule: str, seconds: float) -> dict:
+                classes: list[str], response: str, source: tuple[str, str], rule: str, refine: str,
+                seconds: float) -> dict:
     """One fidelity row: the masker's instances from precomputed responses and proposals."""
     acc = FidelityAccumulator(classes)
     t = time.time()
     for s, pr, props in zip(samples, responses, proposals):
         acc.add(s.gt, {"instances": masker.instances(pr, props)}, image_size(s))
     r = acc.result()
-    return {"response": response, "source": source[0], "objectness": source[1], "rule": rule,
+    return {"response": response, "source": source[0], "objectness": source[1], "rule": rule, "refine": refine,
             "abo": r["abo_same_class"], "precision": r["precision"], "recall": r["recall"], "miou": r["miou"],
             "pseudo_instances": r["pseudo_instances"], "gt_instances": r["gt_instances"],
             "s_per_image": seconds + (time.time() - t) / len(samples)}
@@ -186,13 +194,13 @@ def main() -> None:
             break
 
     table = fidelity_table(run, samples)
-    print("| response | source | objectness | rule | ABO | precision@0.5 | recall@0.5 | mIoU | pseudo/gt | s/image |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| response | source | objectness | rule | refine | ABO | precision@0.5 | recall@0.5 | mIoU | pseudo/gt | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['response']} | {r['source']} | {r['objectness']} | {r['rule']} | {r['abo']:.3f} | "
+        print(f"| {r['response']} | {r['source']} | {r['objectness']} | {r['rule']} | {r['refine']} | {r['abo']:.3f} | "
               f"{_f(r['precision'])} | {_f(r['recall'])} | {_f(r['miou'])} | "
               f"{r['pseudo_instances']}/{r['gt_instances']} | {r['s_per_image']:.2f} |")
-    rows = [{"metric": f"ABO {r['response']}/{r['source']}/{r['objectness']}/{r['rule']}", "value": r["abo"],
+    rows = [{"metric": f"ABO {r['response']}/{r['source']}/{r['objectness']}/{r['rule']}/{r['refine']}", "value": r["abo"],
              "unit": ""} for r in table]
     extra = {"table": table, "classifier": run, "data": data, "images": len(samples)}
     if not args.skip_throughput:

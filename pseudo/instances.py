@@ -15,8 +15,9 @@ from pseudo.classifier import PeakClassifier
 from pseudo.classify import eval_transform
 from pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
 from pseudo.proposals import Proposals
+from pseudo.refine import REFINERS, grabcut
 from pseudo.retrieval import (RULES, Candidate, PrmScorer, RetrievalOptions, considered, nms, response_mask, to_instance,
-                              wise_select)
+                              smooth, wise_select)
 
 CLASS_SOURCES = ("labels", "predicted")
 
@@ -31,6 +32,10 @@ class MaskerOptions:
     max_peaks: int = 10               # per class
     peak_batch: int = 16              # peaks back-propagated together
     input_size: int | None = None     # classifier input side; None = the classifier's training image_size
+    refine: str = "grabcut"           # each peak's mask refined by GrabCut (pseudo/refine.py), or "none"
+    refine_core: float = 0.8          # GrabCut: definitely object where the smoothed response >= this x max
+    refine_margin: float = 0.25       # GrabCut: definitely background outside the mask's box grown by this
+    refine_iterations: int = 5
     retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)
 
     def validate(self) -> None:
@@ -44,6 +49,10 @@ class MaskerOptions:
             raise ValueError(f"peak_threshold is relative to the map maximum: in [0, 1], got {self.peak_threshold}")
         if self.max_peaks < 1 or self.peak_batch < 1:
             raise ValueError("max_peaks and peak_batch must be >= 1")
+        if self.refine not in REFINERS:
+            raise ValueError(f"unknown refine {self.refine!r}; use one of {REFINERS}")
+        if not 0 < self.refine_core <= 1 or self.refine_margin < 0 or self.refine_iterations < 1:
+            raise ValueError("need 0 < refine_core <= 1, refine_margin >= 0 and refine_iterations >= 1")
         if self.input_size is not None and (self.input_size < 32 or self.input_size % 32):
             raise ValueError(f"input_size must be a multiple of 32 (the backbone stride), got {self.input_size}")
         self.retrieval.validate()
@@ -51,9 +60,10 @@ class MaskerOptions:
 
 @dataclass
 class PeakResponses:
-    """One image's peaks, their points (y, x) in image pixels, response maps (N, H, W) summing to 1,
-    and the class response maps resized to the image (C, H, W)."""
+    """One image (H, W, 3), its peaks, their points (y, x) in image pixels, response maps (N, H, W)
+    summing to 1, and the class response maps resized to the image (C, H, W)."""
 
+    image: np.ndarray
     peaks: list[Peak]
     points: np.ndarray
     responses: np.ndarray
@@ -86,7 +96,7 @@ class PseudoMasker:
             crm = self.model.class_response_maps(x)[0]
         peaks = select_peaks(crm, ids, self.opts.peak_threshold, self.opts.max_peaks) if ids else []
         if not peaks:
-            return PeakResponses([], np.zeros((0, 2), int), np.zeros((0, h, w)), np.zeros((0, h, w)))
+            return PeakResponses(image, [], np.zeros((0, 2), int), np.zeros((0, h, w)), np.zeros((0, h, w)))
         maps = peak_response_maps(self.model, x, peaks, self.opts.response, self.opts.peak_batch)
         resp = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
         resp = resp / resp.flatten(1).sum(1).clamp(min=1e-12)[:, None, None]
@@ -94,11 +104,11 @@ class PseudoMasker:
         yx = self.model.crm_to_input(torch.tensor([[p.y, p.x] for p in peaks]), tuple(crm.shape[1:]), tuple(x.shape[2:]))
         yx = yx * torch.tensor([h / x.shape[2], w / x.shape[3]])
         points = np.minimum(yx.long().numpy(), [h - 1, w - 1])
-        return PeakResponses(peaks, points, resp.numpy(), class_maps.numpy())
+        return PeakResponses(image, peaks, points, resp.numpy(), class_maps.numpy())
 
     def instances(self, pr: PeakResponses, proposals: Proposals | None) -> list[dict]:
-        """One mask per peak by the configured rule, then NMS -> FORMAT.md instances. The response
-        rule needs no proposals (None); the others do."""
+        """One mask per peak by the configured rule, refined (GrabCut) unless refine is "none", then
+        NMS -> FORMAT.md instances. The response rule needs no proposals (None); the others do."""
         h, w = pr.responses.shape[1:]
         if proposals is None:
             if self.opts.rule != "response":
@@ -124,6 +134,10 @@ class PseudoMasker:
                 picked = None if found is None else (found[0], p.value)
             if picked is not None:
                 candidates.append(Candidate(p.cls, float(picked[1]), proposals.mask(picked[0]), yx, r))
+        if self.opts.refine == "grabcut":
+            for c in candidates:
+                c.mask = grabcut(pr.image, c.mask, smooth(c.response, opts.response_blur), self.opts.refine_core,
+                                 self.opts.refine_margin, self.opts.refine_iterations)
         return [to_instance(c, self.classes) for c in nms(candidates, opts)]
 
     def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals | None) -> list[dict]:

@@ -114,15 +114,19 @@ def wise_select(response: np.ndarray, proposals: Proposals, index: np.ndarray) -
     return max(containing, key=lambda n: proposals.scores[n]), (int(y), int(x))
 
 
+def smooth(response: np.ndarray, blur: float) -> np.ndarray:
+    """The response map (float32) smoothed by a Gaussian of sigma = blur x the image's shorter side."""
+    r = response.astype(np.float32)
+    return cv2.GaussianBlur(r, (0, 0), blur * min(r.shape)) if blur > 0 else r
+
+
 def response_mask(response: np.ndarray, point: tuple[int, int], blur: float, threshold: float) -> np.ndarray:
     """maskless's rule: the peak response map as the mask, no proposals. Peak backpropagation lights
     an object's texture and edges rather than its whole surface, so the map is first smoothed (Gaussian,
     sigma = blur x the image's shorter side), then kept where >= threshold x its maximum; the connected
     component holding the peak is the mask (the one holding the map's maximum when the peak is outside).
     Measured against PRM's proposal score on the world in docs/PSEUDO.md."""
-    r = response.astype(np.float32)
-    if blur > 0:
-        r = cv2.GaussianBlur(r, (0, 0), blur * min(r.shape))
+    r = smooth(response, blur)
     keep = (r >= threshold * float(r.max())).astype(np.uint8) if r.max() > 0 else np.zeros(r.shape, np.uint8)
     _, labels = cv2.connectedComponents(keep)
     y, x = point if keep[point] else np.unravel_index(int(np.argmax(r)), r.shape)

@@ -25,6 +25,7 @@ from ingest import shards, storage
 from pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
 from pseudo.peak_response import RULES as RESPONSE_RULES
 from pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, cached_or_compute, make_source
+from pseudo.refine import REFINERS
 from pseudo.retrieval import RULES, RetrievalOptions
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,14 @@ class PseudoConfig:
     peak_batch: int = field(default=16, metadata={"help": "peaks back-propagated in one batch"})
     input_size: Optional[int] = field(default=None, metadata={
         "help": "classifier input side (default: the classifier's training image size)"})
+    refine: str = field(default="grabcut", metadata={
+        "help": "refine each peak's mask to the object's colour boundary (GrabCut seeded by the response) or none",
+        "choices": list(REFINERS)})
+    refine_core: float = field(default=0.8, metadata={
+        "help": "GrabCut: definitely object where the smoothed response >= this x its maximum in the mask"})
+    refine_margin: float = field(default=0.25, metadata={
+        "help": "GrabCut: definitely background outside the mask's box grown by this x its size"})
+    refine_iterations: int = field(default=5, metadata={"help": "GrabCut iterations"})
     inside_weight: float = field(default=0.8, metadata={"help": "PRM score: weight of the response inside"})
     contour_weight: float = field(default=1.0, metadata={"help": "PRM score: weight of the response on the contour"})
     background_weight: float = field(default=1e-5, metadata={"help": "PRM score: penalty per background pixel"})
@@ -100,7 +109,8 @@ class PseudoConfig:
         return MaskerOptions(rule=self.rule, response=self.response, classes_from=self.classes_from,
                              class_threshold=self.class_threshold, peak_threshold=self.peak_threshold,
                              max_peaks=self.max_peaks, peak_batch=self.peak_batch, input_size=self.input_size,
-                             retrieval=retrieval)
+                             refine=self.refine, refine_core=self.refine_core, refine_margin=self.refine_margin,
+                             refine_iterations=self.refine_iterations, retrieval=retrieval)
 
     def validate(self) -> None:
         for name in ("classifier", "data", "out"):
@@ -188,7 +198,7 @@ class PseudoActor:
                     if cfg.cache_proposals and proposals is not None:
                         extra[CACHE_ENTRY] = proposals[s.key]
                     pseudo = {"instances": instances, "classifier": cfg.classifier, "rule": cfg.rule,
-                              "response": cfg.response, "proposals": self.source}
+                              "response": cfg.response, "proposals": self.source, "refine": cfg.refine}
                     writer.write(shards.Sample(s.key, s.jpg, s.meta, s.gt, pseudo, extra))
                     row["instances"] += len(instances)
                     row["empty"] += not instances
@@ -276,8 +286,8 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
         "images": int(sum(r["count"] for r in rows)), "instances": int(sum(r["instances"] for r in rows)),
         "images_without_instances": int(sum(r["empty"] for r in rows)),
         "seconds": round(time.time() - start, 3), "actors": cfg.actors, "gpu": use_gpu,
-        "rule": cfg.rule, "response": cfg.response, "proposals": cfg.proposals if cfg.needs_proposals else None,
-        "out": cfg.out,
+        "rule": cfg.rule, "response": cfg.response, "refine": cfg.refine,
+        "proposals": cfg.proposals if cfg.needs_proposals else None, "out": cfg.out,
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:

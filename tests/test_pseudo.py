@@ -153,6 +153,30 @@ def test_response_mask_is_the_peaks_component_of_the_smoothed_map():
     assert not response_mask(np.zeros((10, 10)), (5, 5), 0.05, 0.4).any()
 
 
+def test_grabcut_grows_a_partial_mask_to_the_object_and_keeps_degenerate_masks():
+    from pseudo.refine import grabcut
+
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal((40, 60, 200), 12, (64, 64, 3)), 0, 255).astype(np.uint8)  # noisy blue
+    obj = _box(16, 44, 20, 48, size=64)
+    image[obj] = np.clip(rng.normal((220, 40, 30), 12, (int(obj.sum()), 3)), 0, 255).astype(np.uint8)  # red square
+    partial = _box(24, 40, 26, 42, size=64)              # the response lit only the middle
+    response = np.where(partial, 1.0, 0.0)
+    refined = grabcut(image, partial, response, core=0.8, margin=0.5)
+    iou = (refined & obj).sum() / (refined | obj).sum()
+    assert iou > 0.9 and (partial & obj).sum() / (partial | obj).sum() < 0.5
+    # definitely background outside the grown box (cols 18-50 here): a red bar joined to the square and
+    # running to the image edge is cut there, while a box grown without limit lets it in
+    image[28:32, 48:] = (220, 40, 30)
+    assert not grabcut(image, partial, response, margin=0.5)[:, 51:].any()
+    assert grabcut(image, partial, response, margin=10.0)[28:32, 51:].all()
+    # too small or nearly the whole image: returned as it is
+    tiny = _box(30, 33, 30, 33, size=64)
+    assert (grabcut(image, tiny, response) == tiny).all()
+    everything = np.ones((64, 64), bool)
+    assert (grabcut(image, everything, response) == everything).all()
+
+
 def test_nms_merges_duplicates():
     a, b, c = _box(0, 10, 0, 10), _box(1, 11, 0, 10), _box(20, 30, 20, 30)
     r = [np.full((40, 40), v) for v in (1.0, 2.0, 4.0, 8.0)]
@@ -280,6 +304,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
         PseudoConfig(classifier="c", data="a", out="b", rule="best").validate()
     with pytest.raises(ValueError, match="response_threshold"):
         PseudoConfig(classifier="c", data="a", out="b", response_threshold=1.5).validate()
+    with pytest.raises(ValueError, match="refine"):
+        PseudoConfig(classifier="c", data="a", out="b", refine="crf").validate()
     with pytest.raises(ValueError, match="differ"):
         PseudoConfig(classifier="c", data="a", out="a").validate()
     with pytest.raises(FileNotFoundError, match="no complete shard"):
