@@ -24,7 +24,7 @@ CLASS_SOURCES = ("labels", "predicted")
 
 @dataclass
 class MaskerOptions:
-    rule: str = "prm"                 # prm (retrieval score), wise (objectness at the point), response (map itself)
+    rule: str = "response"            # response (map itself), prm (retrieval score), wise (objectness at the point)
     response: str = "prm"             # peak response backward rule: prm or gradient
     classes_from: str = "labels"      # peaks for the image's labels, or for the classes the classifier predicts
     class_threshold: float = 0.0      # a class is predicted when its score (logit) is above this
