@@ -35,7 +35,8 @@ from ingest.world import make_world
 from train.dataset import ShardDataset, build_index, collate, rank_batches, steps_per_epoch
 from train.maskrcnn import build_model
 from ingest.resources import RAY_TRAIN_ENV
-from train.trainer import TrainConfig, learning_rate, read_metrics, run_train
+from ingest.run_folder import read_metrics
+from train.trainer import TrainConfig, learning_rate, run_train
 
 
 def plain_loop(cfg: TrainConfig, steps: int, log_every: int) -> list[float]:

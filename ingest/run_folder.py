@@ -1,8 +1,18 @@
-"""A run folder belongs to one run: a rerun with the same settings continues it, and a run with
+"""The run folder of a Ray Train stage (classify, train): its layout, and who owns it.
+
+A run folder belongs to one run: a rerun with the same settings continues it, and a run with
 different settings is refused before anything in the folder is overwritten."""
 from __future__ import annotations
 
+import json
+
 from ingest import storage
+
+RAY_RUN_NAME = "ray"          # Ray Train's experiment folder (checkpoints)
+STATE_FILE = "state.pt"       # inside each checkpoint
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+RUN_FILE = "run.json"         # the settings and classes that own the folder
 
 
 def claim_run_folder(path: str, stage: str, config: dict, identity: tuple[str, ...] | list[str],
@@ -20,3 +30,22 @@ def claim_run_folder(path: str, stage: str, config: dict, identity: tuple[str, .
                              f"rerun with the same settings to continue it, or use a new --out")
         return
     storage.write_json_atomic(path, {"config": config, "classes": classes})
+
+
+def read_metrics(out: str) -> list[dict]:
+    """The records of OUT/metrics.jsonl, oldest first ([] before the first one)."""
+    path = storage.join(out, METRICS_FILE)
+    if not storage.exists(path):
+        return []
+    return [json.loads(l) for l in storage.read_bytes(path).decode().splitlines() if l.strip()]
+
+
+def ray_run_config(out: str, max_failures: int, keep_checkpoints: int, callbacks: list | None = None):
+    """Ray Train's RunConfig that keeps the experiment in OUT/ray, on OUT's filesystem (local or a URI)."""
+    import ray.train
+
+    fs, out_path = storage.resolve(out)
+    return ray.train.RunConfig(
+        name=RAY_RUN_NAME, storage_path=out_path, storage_filesystem=None if storage.is_local(fs) else fs,
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints), callbacks=callbacks)

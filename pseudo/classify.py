@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 from ingest import shards, storage
-from ingest.run_folder import claim_run_folder
+from ingest.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
+                               read_metrics)
 from ingest.resources import RAY_TRAIN_ENV, has_gpus
 from pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, save_classifier)
@@ -34,11 +35,6 @@ from pseudo.peak_stimulation import BACKWARD_MODES
 
 log = logging.getLogger(__name__)
 
-RAY_RUN_NAME = "ray"
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_FILE = "run.json"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # settings a rerun into an existing run folder must share with it (the rest, e.g. epochs, may change)
 RUN_IDENTITY = ("data", "val_data", "val_fraction", "backbone", "backbone_weights", "peak_backward")
@@ -412,16 +408,12 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     run_config = dataclasses.asdict(cfg)
     loop_config = {**run_config, "classes": classes, "train_samples": train_counts["samples"],
                    "class_counts": train_counts["class_counts"], "run_config": run_config}
-    fs, out_path = storage.resolve(cfg.out)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=RAY_RUN_NAME, storage_path=out_path, storage_filesystem=None if storage.is_local(fs) else fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        run_config=ray_run_config(cfg.out, cfg.max_failures, cfg.keep_checkpoints),
     )
     t0 = time.time()
     result = trainer.fit()
@@ -432,8 +424,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     model = classifier_from_checkpoint(state, result.checkpoint.path)
     export = storage.join(cfg.out, EXPORT_NAME)
     save_classifier(model, classes, run_config, export)
-    metrics_path = storage.join(cfg.out, METRICS_FILE)
-    history = [json.loads(l) for l in storage.read_bytes(metrics_path).decode().splitlines() if l.strip()]
+    history = read_metrics(cfg.out)
     last = history[-1] if history else {}
     summary = {
         "stage": "classify", "out": cfg.out, "classifier": export, "classes": classes,

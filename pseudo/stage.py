@@ -278,6 +278,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
             log.error("pseudo: Ray Data stopped: %s", e)
             crashed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     failed = {r["name"]: r["error"] for r in rows if r["error"]}
+    proposals = cfg.proposals if cfg.needs_proposals else None
     written = set(shards.shard_names(cfg.out))
     missing = [n for n in names if n not in written]
     summary = {
@@ -286,15 +287,14 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
         "images": int(sum(r["count"] for r in rows)), "instances": int(sum(r["instances"] for r in rows)),
         "images_without_instances": int(sum(r["empty"] for r in rows)),
         "seconds": round(time.time() - start, 3), "actors": cfg.actors, "gpu": use_gpu,
-        "rule": cfg.rule, "response": cfg.response, "refine": cfg.refine,
-        "proposals": cfg.proposals if cfg.needs_proposals else None, "out": cfg.out,
+        "rule": cfg.rule, "response": cfg.response, "refine": cfg.refine, "proposals": proposals, "out": cfg.out,
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
         raise RuntimeError(f"pseudo: {len(missing)} shard(s) not written ({', '.join(missing)}): "
                            f"{failed or crashed or 'see the Ray logs'}; rerun the same command to redo them")
     info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
-                                     response=cfg.response, proposals=cfg.proposals if cfg.needs_proposals else None)
+                                     response=cfg.response, proposals=proposals)
     summary["samples"] = info["samples"]
     log.info("pseudo: %s", summary)
     return summary

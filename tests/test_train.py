@@ -17,7 +17,8 @@ from train.dataset import ShardDataset, build_index, rank_batches, steps_per_epo
 from train.maskrcnn import build_model, load_model
 from train.metrics import GroundTruth, evaluate
 from train.predict import PredictConfig, predict_dataset, run_predict
-from train.trainer import STOP_FILE, TrainConfig, _StopOnSignal, learning_rate, read_metrics, run_train
+from ingest.run_folder import read_metrics
+from train.trainer import STOP_FILE, TrainConfig, _StopOnSignal, learning_rate, run_train
 
 # ResNet-18 FPN at 96 px with few proposals and RoIs: about a second a step on this machine's CPU.
 TINY = dict(arch="resnet18_fpn", weights="none", min_size=96, max_size=96, anchor_sizes=[16, 32, 64, 128, 256],

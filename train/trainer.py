@@ -25,18 +25,14 @@ import torch
 from ray.train import UserCallback
 
 from ingest import storage
-from ingest.run_folder import claim_run_folder
+from ingest.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
+                               read_metrics)
 from ingest.resources import RAY_TRAIN_ENV, has_gpus
 from train.dataset import MASK_SOURCES, ShardDataset, build_index, collate, rank_batches, steps_per_epoch
 from train.maskrcnn import ARCHS, build_model, build_options, resolve_norm, save_model, weights_file
 
 log = logging.getLogger(__name__)
 
-RAY_RUN_NAME = "ray"
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_FILE = "run.json"
 STOP_FILE = "STOP"
 EXPORT_NAME = "model.pt"
 # settings a rerun into an existing run folder must share with it (the rest, e.g. epochs, may change)
@@ -279,13 +275,6 @@ class MetricsWriter(UserCallback):
         storage.write_bytes_atomic(self.path, ("\n".join(self.lines) + "\n").encode())
 
 
-def read_metrics(out: str) -> list[dict]:
-    path = storage.join(out, METRICS_FILE)
-    if not storage.exists(path):
-        return []
-    return [json.loads(l) for l in storage.read_bytes(path).decode().splitlines() if l.strip()]
-
-
 def _check_run_folder(cfg: TrainConfig, classes: list[str]) -> None:
     claim_run_folder(storage.join(cfg.out, RUN_FILE), "train", dataclasses.asdict(cfg), RUN_IDENTITY, classes)
 
@@ -335,7 +324,6 @@ def run_train(cfg: TrainConfig) -> dict:
         os.environ.setdefault(k, v)
 
     use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
-    fs, out_path = storage.resolve(cfg.out)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "entries": entries, "classes": classes,
@@ -343,11 +331,7 @@ def run_train(cfg: TrainConfig) -> dict:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=RAY_RUN_NAME, storage_path=out_path, storage_filesystem=None if storage.is_local(fs) else fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[MetricsWriter(cfg.out)]),
+        run_config=ray_run_config(cfg.out, cfg.max_failures, cfg.keep_checkpoints, [MetricsWriter(cfg.out)]),
     )
     t0 = time.time()
     with _StopOnSignal(stop_file):
