@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 UNITS_DIR = "_units"
 SUMMARY_FILE = "crawl_summary.json"
-DEFAULT_USER_AGENT = "maskless/0.1 (image dataset crawler; honours X-Robots-Tag noai/noimageai)"
+DEFAULT_USER_AGENT = "maskless/0.1 (image dataset crawler; honours robots.txt and X-Robots-Tag noai/noimageai)"
 PAGE_SIZE = {"bing": 20, "local": 20, "baidu": 30, "google": 100, "flickr": 1}
 RESULT_CAP = {"bing": 1000, "local": 1_000_000, "baidu": 1000, "google": 1000, "flickr": 4000}
 
@@ -70,6 +70,10 @@ class CrawlConfig:
     max_redirects: int = field(default=5, metadata={"help": "redirects followed per request"})
     user_agent: str = field(default=DEFAULT_USER_AGENT, metadata={"help": "User-Agent header (keep 'maskless' in it)"})
     respect_noai: bool = field(default=True, metadata={"help": "skip images served with X-Robots-Tag noai/noimageai"})
+    respect_robots: bool = field(default=True, metadata={
+        "help": "read each image site's robots.txt (agent maskless) and skip what it disallows"})
+    max_crawl_delay: float = field(default=30.0, metadata={
+        "help": "skip sites whose robots.txt asks for more seconds between requests (shorter delays are kept)"})
     threads: int = field(default=16, metadata={"help": "download threads per task"})
     workers: int = field(default=4, metadata={"help": "Ray tasks in flight"})
     task_cpus: float = field(default=0.5, metadata={"help": "CPUs Ray reserves per crawl task"})
@@ -113,8 +117,8 @@ class CrawlConfig:
         for name in ("timeout", "task_cpus", "unit_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.retries < 0 or self.backoff < 0 or self.per_host_rps < 0 or self.max_redirects < 0:
-            raise ValueError("retries, backoff, per_host_rps and max_redirects must not be negative")
+        if min(self.retries, self.backoff, self.per_host_rps, self.max_redirects, self.max_crawl_delay) < 0:
+            raise ValueError("retries, backoff, per_host_rps, max_redirects and max_crawl_delay must not be negative")
         if not -1 <= self.near_dup_bits <= 32:
             raise ValueError(f"near_dup_bits must be in -1..32, got {self.near_dup_bits}")
         if "maskless" not in self.user_agent.lower():
@@ -201,7 +205,7 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
 def _options(cfg: CrawlConfig) -> dict:
     keys = ("image_size", "jpeg_quality", "timeout", "min_size", "max_pixels", "max_bytes", "per_host_concurrency",
             "per_host_rps", "retries", "backoff", "max_backoff", "max_redirects", "user_agent", "respect_noai",
-            "threads", "allow_private", "unit_idle_timeout")
+            "respect_robots", "max_crawl_delay", "threads", "allow_private", "unit_idle_timeout")
     return {k: getattr(cfg, k) for k in keys}
 
 

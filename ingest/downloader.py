@@ -3,8 +3,8 @@
 icrawler 0.6.10's own downloader has a fixed browser User-Agent, no backoff, no byte cap, writes
 loose files from many threads, and its threads quit early when the parser is slow
 (docs/CRAWL.md). We keep icrawler's feeders and parsers and replace the download step: each
-image is fetched (retries with backoff on 429/5xx and network errors, a per-host limit, opt-outs
-honoured), cleaned by `validator.clean_image`, and handed whole to a `UnitSink`, which keeps one
+image is fetched (retries with backoff on 429/5xx and network errors, a per-host limit, robots.txt
+and opt-outs honoured), cleaned by `validator.clean_image`, and handed whole to a `UnitSink`, which keeps one
 sample per content key under a lock, so the shard is written once, by one thread, at the end.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import requests
 from icrawler import ImageDownloader
 from icrawler.storage import BaseStorage
 
+from ingest.robots import RobotsCache, site_of
 from ingest.safety import RefusedAddress
 from ingest.shards import Sample
 from ingest.validator import Rejected, clean_image
@@ -32,10 +33,11 @@ from ingest.validator import Rejected, clean_image
 logger = logging.getLogger(__name__)
 
 MAX_LOGGED_REJECTS = 2000  # per unit; counts by reason are always complete
+AGENT = "maskless"  # our product token, matched by robots.txt groups and X-Robots-Tag scopes
 _VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
 
 
-def robots_opt_out(header: str | None, agent: str = "maskless") -> bool:
+def robots_opt_out(header: str | None, agent: str = AGENT) -> bool:
     """True when an X-Robots-Tag value says noai / noimageai for every agent or for ours.
 
     Directives may be scoped: `otherbot: noai` applies to otherbot only, until the next scope."""
@@ -53,7 +55,8 @@ def robots_opt_out(header: str | None, agent: str = "maskless") -> bool:
 
 
 class HostLimiter:
-    """At most `concurrency` requests at once and `rate` request starts per second, per host.
+    """At most `concurrency` requests at once and `rate` request starts per second, per host, and
+    request starts at least a host's own delay apart (its robots.txt Crawl-delay) when longer.
 
     Per process: a crawl's tasks each hold one, so a host sees at most tasks x these limits."""
 
@@ -62,24 +65,29 @@ class HostLimiter:
         self._lock = threading.Lock()
         self._sems: dict[str, threading.Semaphore] = {}
         self._next: dict[str, float] = {}
+        self._delay: dict[str, float] = {}
+
+    def set_delay(self, host: str, seconds: float) -> None:
+        with self._lock:
+            self._delay[host] = seconds
 
     @contextmanager
     def slot(self, host: str):
         with self._lock:
             sem = self._sems.setdefault(host, threading.Semaphore(self.concurrency))
         with sem:
-            if self.rate > 0:
-                with self._lock:
-                    now = time.monotonic()
-                    start = max(now, self._next.get(host, now))
-                    self._next[host] = start + 1.0 / self.rate
-                time.sleep(max(0.0, start - now))
+            with self._lock:
+                interval = max(1.0 / self.rate if self.rate > 0 else 0.0, self._delay.get(host, 0.0))
+                now = time.monotonic()
+                start = max(now, self._next.get(host, now))
+                self._next[host] = start + interval
+            time.sleep(max(0.0, start - now))
             yield
 
 
 def fetch(session: requests.Session, url: str, *, timeout: float, max_bytes: int, retries: int,
           backoff: float, max_backoff: float, respect_noai: bool, limiter: HostLimiter,
-          agent: str = "maskless", sleep: Callable[[float], None] = time.sleep) -> tuple[bytes, str]:
+          agent: str = AGENT, sleep: Callable[[float], None] = time.sleep) -> tuple[bytes, str]:
     """GET an image body; (bytes, final url) or Rejected with the reason of the last attempt."""
     host = urlsplit(url).hostname or ""
     attempt = 0
@@ -197,14 +205,38 @@ class MasklessDownloader(ImageDownloader):
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"])
+        self.robots = RobotsCache(lambda url: self._fetch(url, respect_noai=False)[0])
+
+    def _fetch(self, url: str, respect_noai: bool) -> tuple[bytes, str]:
+        o = self.options
+        return fetch(self.session, url, timeout=o["timeout"], max_bytes=o["max_bytes"], retries=o["retries"],
+                     backoff=o["backoff"], max_backoff=o["max_backoff"], respect_noai=respect_noai,
+                     limiter=self.limiter)
+
+    def robots_refusal(self, url: str) -> str | None:
+        """None when robots.txt lets us fetch `url` (its Crawl-delay then paces the host), else why not."""
+        if not self.options["respect_robots"]:
+            return None
+        rules = self.robots.rules(url)
+        reason = rules.check(url, AGENT)
+        if reason is None:
+            delay = rules.delay(AGENT)
+            if delay > self.options["max_crawl_delay"]:
+                return "crawl_delay"
+            self.limiter.set_delay(urlsplit(url).hostname or "", delay)
+        return reason
 
     def download(self, task, default_ext, timeout=5, max_retry=3, overwrite=False, **kwargs) -> bool:
         o, sink, url = self.options, self.storage, task["file_url"]
         sink.count("found")
         try:
-            body, final_url = fetch(self.session, url, timeout=o["timeout"], max_bytes=o["max_bytes"],
-                                    retries=o["retries"], backoff=o["backoff"], max_backoff=o["max_backoff"],
-                                    respect_noai=o["respect_noai"], limiter=self.limiter)
+            refusal = self.robots_refusal(url)
+            if refusal:
+                raise Rejected(refusal)
+            body, final_url = self._fetch(url, respect_noai=o["respect_noai"])
+            # a redirect to another site: that site's robots.txt decides whether we keep the image
+            if site_of(final_url) != site_of(url) and (refusal := self.robots_refusal(final_url)):
+                raise Rejected(refusal)
             sink.count("downloaded")
             sink.count("bytes", len(body))
             img = clean_image(body, o["image_size"], o["jpeg_quality"], o["min_size"], o["max_pixels"])

@@ -21,8 +21,9 @@ from ingest import shards, storage
 from ingest.crawl import CrawlConfig, crawl_unit, plan_units, run_crawl, _options
 from ingest.dedup import NearIndex, decide, hamming
 from ingest.downloader import robots_opt_out
+from ingest.robots import rules_from_fetch
 from ingest.safety import RefusedAddress, address_block, check_url
-from ingest.validator import clean_image
+from ingest.validator import Rejected, clean_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +60,7 @@ class Server:
     def __init__(self, routes: dict, delay: float = 0.0):
         self.routes, self.delay = routes, delay
         self.hits: dict[str, int] = {}
+        self.times: dict[str, list[float]] = {}
         self.agents: set[str] = set()
         self.lock = threading.Lock()
         owner = self
@@ -67,6 +69,7 @@ class Server:
             def do_GET(self):
                 with owner.lock:
                     n = owner.hits[self.path] = owner.hits.get(self.path, 0) + 1
+                    owner.times.setdefault(self.path, []).append(time.monotonic())
                     owner.agents.add(self.headers.get("User-Agent", ""))
                 if owner.delay:
                     time.sleep(owner.delay)
@@ -178,6 +181,27 @@ def test_robots_opt_out():
     assert robots_opt_out("otherbot: noindex, maskless: noai")
 
 
+def test_robots_fetch_outcomes_follow_rfc_9309():
+    def get_raising(reason):
+        def get(url):
+            raise Rejected(reason)
+        return get
+    url = "http://site.test/a.jpg"
+    for reason in ("http_404", "http_401", "http_403", "not_image", "too_many_redirects"):
+        assert rules_from_fetch(get_raising(reason), "http://site.test").check(url, "maskless") is None, reason
+    for reason in ("http_503", "http_429", "timeout", "connection_error"):
+        assert rules_from_fetch(get_raising(reason), "http://site.test").check(url, "maskless") == "robots_unreachable"
+    assert rules_from_fetch(get_raising("refused_private"), "http://site.test").check(url, "m") == "refused_private"
+    body = b"User-agent: *\nDisallow: /\n\nUser-agent: maskless\nDisallow: /p/\nRequest-rate: 1/5\nCrawl-delay: 2\n"
+    fetched = []
+    rules = rules_from_fetch(lambda u: fetched.append(u) or body, "https://site.test:8443")
+    assert fetched == ["https://site.test:8443/robots.txt"]
+    assert rules.check("https://site.test:8443/a.jpg", "maskless") is None
+    assert rules.check("https://site.test:8443/p/a.jpg", "maskless") == "robots"
+    assert rules.check("https://site.test:8443/a.jpg", "otherbot") == "robots"
+    assert rules.delay("maskless") == 5.0 and rules.delay("otherbot") == 0.0  # the longer of 2 s and 5 s/request
+
+
 def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown engine"):
         CrawlConfig(keywords=["car"], engine=["altavista"]).validate()
@@ -185,6 +209,8 @@ def test_config_errors_are_clear(tmp_path):
         CrawlConfig(engine=["urls"]).validate()
     with pytest.raises(ValueError, match="nothing to search"):
         CrawlConfig(engine=["bing"]).validate()
+    with pytest.raises(ValueError, match="max_crawl_delay"):
+        CrawlConfig(keywords=["car"], max_crawl_delay=-1).validate()
     with pytest.raises(ValueError, match="name maskless"):
         CrawlConfig(keywords=["car"], user_agent="Mozilla/5.0").validate()
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -289,6 +315,50 @@ def test_hostile_server_yields_exactly_the_good_images(ray_local, serve, tmp_pat
     assert all("maskless" in a for a in srv.agents)
     g = summary["by_engine_class"]["urls/(list)"]
     assert g["found"] == len(routes) and g["accepted"] == 4 and sum(g["rejected"].values()) == 10
+
+
+def test_robots_txt_is_read_once_per_site_and_obeyed(ray_local, serve, tmp_path):
+    jpg, png = {"Content-Type": "image/jpeg"}, {"Content-Type": "image/png"}
+    img = [encode(smooth_image(200 + i)) for i in range(8)]
+    text = {"Content-Type": "text/plain"}
+    ruled = serve({  # other agents may fetch nothing; maskless has its own group, with RFC 9309 wildcards
+        "/robots.txt": (200, text, b"User-agent: *\nDisallow: /\n\nUser-agent: maskless\nDisallow: /private/\n"
+                                   b"Allow: /private/ok.jpg\nDisallow: /*.png$\n"),
+        "/a.jpg": (200, jpg, img[0]), "/private/b.jpg": (200, jpg, img[1]), "/private/ok.jpg": (200, jpg, img[2]),
+        "/c.png": (200, png, encode(smooth_image(209), "PNG")), "/c.png?v=1": (200, png, encode(smooth_image(210), "PNG")),
+    })
+    target = serve({"/robots.txt": (200, text, b"User-agent: maskless\nDisallow: /x.jpg\n"),
+                    "/x.jpg": (200, jpg, img[3]), "/z.jpg": (200, jpg, img[4])})
+    ruled.routes["/moved.jpg"] = (302, {"Location": target.url + "/x.jpg"}, b"")
+    down = serve({"/robots.txt": (503, {}, b"busy"), "/y.jpg": (200, jpg, img[5])})
+    slow = serve({"/robots.txt": (200, text, b"User-agent: *\nCrawl-delay: 60\n"), "/s.jpg": (200, jpg, img[6])})
+    paced = serve({"/robots.txt": (200, text, b"User-agent: *\nCrawl-delay: 0.4\n"),
+                   **{f"/p{i}.jpg": (200, jpg, encode(smooth_image(220 + i))) for i in range(3)}})
+    rows = [(ruled.url + p, "thing") for p in ("/a.jpg", "/private/b.jpg", "/private/ok.jpg", "/c.png", "/c.png?v=1",
+                                                 "/moved.jpg")]
+    rows += [(target.url + "/z.jpg", "thing"), (down.url + "/y.jpg", "thing"), (slow.url + "/s.jpg", "thing")]
+    rows += [(f"{paced.url}/p{i}.jpg", "thing") for i in range(3)]
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", rows), near_dup_bits=-1)
+    summary = run_crawl(cfg)
+    got = {s.meta["url"] for s in shards.read_dataset(cfg.out)}
+    assert got == {ruled.url + "/a.jpg", ruled.url + "/private/ok.jpg", ruled.url + "/c.png?v=1",
+                   target.url + "/z.jpg", *(f"{paced.url}/p{i}.jpg" for i in range(3))}
+    reasons = {r["url"]: r["reason"] for st in shards.read_stats(storage.join(cfg.out, "_units")) for r in st["rejects"]}
+    assert reasons == {ruled.url + "/private/b.jpg": "robots", ruled.url + "/c.png": "robots",
+                       ruled.url + "/moved.jpg": "robots", down.url + "/y.jpg": "robots_unreachable",
+                       slow.url + "/s.jpg": "crawl_delay"}
+    # disallowed paths are never requested; every site's robots.txt is read once (the 503 once more: a retry)
+    assert "/private/b.jpg" not in ruled.hits and "/c.png" not in ruled.hits
+    assert "/y.jpg" not in down.hits and "/s.jpg" not in slow.hits
+    assert [s.hits["/robots.txt"] for s in (ruled, target, down, slow, paced)] == [1, 1, 2, 1, 1]
+    starts = sorted(t for i in range(3) for t in paced.times[f"/p{i}.jpg"])
+    assert all(b - a > 0.3 for a, b in zip(starts, starts[1:])), starts  # Crawl-delay 0.4 s kept
+    assert summary["by_engine_class"]["urls/(list)"]["rejected"] == {"robots": 3, "robots_unreachable": 1,
+                                                                       "crawl_delay": 1}
+    # --no-respect-robots: no robots.txt request, the disallowed image is fetched
+    free = fast_config(tmp_path, out=str(tmp_path / "free"), respect_robots=False,
+                       urls=write_urls(tmp_path / "f.csv", [(ruled.url + "/private/b.jpg", "thing")]))
+    assert run_crawl(free)["samples"] == 1 and ruled.hits["/robots.txt"] == 1 and ruled.hits["/private/b.jpg"] == 1
 
 
 def test_private_addresses_refused_before_any_connection(ray_local, serve, tmp_path):
