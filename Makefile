@@ -9,7 +9,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench clean
 
+# A first install needs room: torch 2.14.1 for x86-64 is a CUDA build, about 6.6 GB of .venv in all.
+NEED_GIB := 8
+DISK_CHECK := import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(0 if free >= $(NEED_GIB) else f'make: {free:.1f} GiB free here; a first install needs about $(NEED_GIB) GiB (torch is a CUDA build). Free some space and rerun.')
+
 $(STAMP): pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PY) -c "$(DISK_CHECK)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH) || $(BIN)/pip install -q torch torchvision
