@@ -77,6 +77,8 @@ class CrawlConfig:
     threads: int = field(default=16, metadata={"help": "download threads per task"})
     workers: int = field(default=4, metadata={"help": "Ray tasks in flight"})
     task_cpus: float = field(default=0.5, metadata={"help": "CPUs Ray reserves per crawl task"})
+    resources: Optional[dict[str, float]] = field(default=None, metadata={
+        "help": "custom Ray resources per crawl task, NAME=AMOUNT,... (default: a share of crawl where nodes have it)"})
     near_dup_bits: int = field(default=4, metadata={
         "help": "perceptual-hash distance (bits of 64) counted as a near duplicate; -1: exact only"})
     unit_idle_timeout: float = field(default=120.0, metadata={"help": "stop a unit after this many seconds without new results"})
@@ -119,6 +121,7 @@ class CrawlConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if min(self.retries, self.backoff, self.per_host_rps, self.max_redirects, self.max_crawl_delay) < 0:
             raise ValueError("retries, backoff, per_host_rps, max_redirects and max_crawl_delay must not be negative")
+        resources.check_resources(self.resources)
         if not -1 <= self.near_dup_bits <= 32:
             raise ValueError(f"near_dup_bits must be in -1..32, got {self.near_dup_bits}")
         if "maskless" not in self.user_agent.lower():
@@ -216,7 +219,7 @@ def _run_units(cfg: CrawlConfig, units: list[Unit], units_root: str, local_base:
     if not ray.is_initialized():
         raise RuntimeError("run_crawl needs Ray initialised by the caller (ray.init(...) or the maskless CLI)")
     # max_retries covers worker/node death; a retried unit finds its shard if it had committed
-    task = ray.remote(crawl_unit).options(**resources.crawl_options(cfg.task_cpus), max_retries=3)
+    task = ray.remote(crawl_unit).options(**resources.crawl_options(cfg.task_cpus, cfg.resources), max_retries=3)
     options = _options(cfg)
     records, failures, pending = [], [], {}
     todo = list(units)

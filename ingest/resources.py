@@ -30,13 +30,24 @@ def has_gpus() -> bool:
     return cluster_resources().get("GPU", 0) > 0
 
 
+def check_resources(resources: dict | None) -> None:
+    """A stage's `resources` option: None (route by tag) or custom resource names -> amounts >= 0."""
+    if resources is None:
+        return
+    if not isinstance(resources, dict):
+        raise ValueError(f"resources must map Ray resource names to amounts, got {resources!r}")
+    bad = {k: v for k, v in resources.items()
+           if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or k in ("CPU", "GPU")}
+    if bad:
+        raise ValueError(f"resources must map custom resource names to amounts >= 0 (CPUs and GPUs have their "
+                         f"own options), got {bad}")
+
+
 def route(tag: str, resources: dict[str, float] | None = None) -> dict[str, float]:
     """Custom resources to ask for: `resources` when given, else a share of `tag` when some node
     offers it, else none."""
     if resources is not None:
-        bad = {k: v for k, v in resources.items() if not isinstance(v, (int, float)) or v < 0}
-        if bad:
-            raise ValueError(f"resources must map names to amounts >= 0, got {bad}")
+        check_resources(resources)
         return {k: float(v) for k, v in resources.items()}
     return {tag: ROUTE_SHARE} if cluster_resources().get(tag, 0) > 0 else {}
 
@@ -63,6 +74,18 @@ def worker_resources(options: dict) -> dict[str, float]:
     if options.get("num_gpus"):
         out["GPU"] = float(options["num_gpus"])
     return out
+
+
+def train_scaling(workers: int, cpus_per_worker: float, use_gpu: bool,
+                  resources: dict[str, float] | None = None):
+    """Ray Train's ScalingConfig of the classifier and Mask R-CNN stages: `workers` workers with
+    `cpus_per_worker` CPUs and one GPU each when `use_gpu`, on `gpu_stage` nodes where the cluster
+    has them, or on nodes offering `resources` when given (an autoscaler starts such a node)."""
+    import ray.train
+
+    options = gpu_stage_options(cpus_per_worker, 1.0 if use_gpu else 0.0, resources)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                   resources_per_worker=worker_resources(options))
 
 
 def node_id() -> str | None:

@@ -32,6 +32,20 @@ def _parse_list(text: str, item: type) -> list:
     return [item(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def _parse_amounts(text: str) -> dict[str, float]:
+    """NAME=AMOUNT,... (e.g. Ray resources `gpu_stage=1`) as a dict."""
+    out = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, amount = part.partition("=")
+        try:
+            if not part or not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(amount)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT,..., got {text!r}") from None
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per field of a config dataclass. Defaults are left unset (None) so that
     `build` can tell a typed flag from a default."""
@@ -56,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             choices = f.metadata.get("choices")
             parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=None, choices=choices,
                                 help=help_text)
-        # dict-typed fields are YAML-only (e.g. class -> queries)
+        elif typing.get_args(tp) == (str, float):
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar="NAME=AMOUNT,...",
+                                type=_parse_amounts, help=help_text)
+        # other dict-typed fields are YAML-only (e.g. class -> queries)
 
 
 def build(cls: type, yaml_values: dict | None = None, args: argparse.Namespace | dict | None = None) -> Any:

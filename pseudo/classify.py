@@ -28,7 +28,7 @@ from torchvision import transforms
 from ingest import shards, storage
 from ingest.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
                                read_metrics)
-from ingest.resources import RAY_TRAIN_ENV, has_gpus
+from ingest.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
 from pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, save_classifier)
 from pseudo.peak_stimulation import BACKWARD_MODES
@@ -70,6 +70,8 @@ class ClassifyConfig:
     workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel processes)"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker"})
     use_gpu: Optional[bool] = field(default=None, metadata={"help": "one GPU per worker (default: when present)"})
+    resources: Optional[dict[str, float]] = field(default=None, metadata={
+        "help": "custom Ray resources per worker, NAME=AMOUNT,... (default: a share of gpu_stage where nodes have it)"})
     loader_workers: int = field(default=0, metadata={"help": "image-decoding processes per worker"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the latest checkpoint"})
     keep_checkpoints: int = field(default=2, metadata={"help": "epoch checkpoints kept under OUT/ray"})
@@ -82,6 +84,7 @@ class ClassifyConfig:
             raise ValueError("classify needs --data: a shard dataset with image-level labels")
         if not self.out:
             raise ValueError("classify needs --out: the run folder")
+        check_resources(self.resources)
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.backbone == "tiny" and self.backbone_weights.lower() == "imagenet":
@@ -411,8 +414,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=train_scaling(cfg.workers, cfg.cpus_per_worker, use_gpu, cfg.resources),
         run_config=ray_run_config(cfg.out, cfg.max_failures, cfg.keep_checkpoints),
     )
     t0 = time.time()

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ingest import shards, storage
+from ingest.resources import check_resources, gpu_stage_options, has_gpus
 from pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
 from pseudo.peak_response import RULES as RESPONSE_RULES
 from pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, cached_or_compute, make_source
@@ -90,6 +91,8 @@ class PseudoConfig:
     proposal_cpus: float = field(default=0.5, metadata={"help": "logical CPUs per proposal task"})
     use_gpu: Optional[bool] = field(default=None, metadata={"help": "GPU actors (default: when Ray has GPUs)"})
     gpus_per_actor: float = field(default=1.0, metadata={"help": "GPUs per actor when use_gpu"})
+    resources: Optional[dict[str, float]] = field(default=None, metadata={
+        "help": "custom Ray resources per actor, NAME=AMOUNT,... (default: a share of gpu_stage where nodes have it)"})
     fail_shards: list[str] = field(default_factory=list, metadata={
         "cli": False, "help": "failure injection for tests: the actor fails halfway through these shards"})
     shard_retries: int = field(default=3, metadata={
@@ -116,6 +119,7 @@ class PseudoConfig:
         for name in ("classifier", "data", "out"):
             if not getattr(self, name):
                 raise ValueError(f"pseudo needs --{name}")
+        check_resources(self.resources)
         if self.proposals not in SOURCES:
             raise ValueError(f"unknown proposal source {self.proposals!r}; use one of {SOURCES}")
         if self.objectness not in SCORES:
@@ -221,12 +225,6 @@ class PseudoActor:
             os._exit(1)  # the actor process dies mid-shard, once
 
 
-def _gpu_available() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def run_pseudo(cfg: PseudoConfig) -> dict:
     """Pseudo masks for every input shard not yet in cfg.out; dataset.json once all are there.
     Ray must be initialised by the caller. Raises RuntimeError naming the shards that failed (the
@@ -246,7 +244,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     storage.remove_stale_temps(cfg.out)
     done = set(shards.shard_names(cfg.out))
     todo = [n for n in names if n not in done]
-    use_gpu = _gpu_available() if cfg.use_gpu is None else cfg.use_gpu
+    use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     start = time.time()
     rows: list[dict] = []
     crashed = ""
@@ -268,7 +266,8 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ds.map_batches(PseudoActor, batch_size=1,
                                 compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
-                                num_cpus=cfg.actor_cpus, num_gpus=cfg.gpus_per_actor if use_gpu else 0,
+                                **gpu_stage_options(cfg.actor_cpus, cfg.gpus_per_actor if use_gpu else 0,
+                                                    cfg.resources),
                                 max_task_retries=cfg.shard_retries,
                                 fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg),
                                                        "device": "cuda" if use_gpu else "cpu"})

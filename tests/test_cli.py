@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Optional
 
 import pytest
 
@@ -57,6 +58,7 @@ class _Demo:
     flip: bool = True
     classes: list[str] = field(default_factory=list)
     queries: dict = field(default_factory=dict)
+    resources: Optional[dict[str, float]] = None
 
     def validate(self):
         if self.steps < 1:
@@ -76,7 +78,29 @@ def test_config_merges_defaults_yaml_and_flags():
         config.build(_Demo, {"stepz": 1})
     with pytest.raises(ValueError, match="steps must be at least 1"):
         config.build(_Demo, {"steps": 0})
-    assert not any(a.dest == "queries" for a in p._actions)  # dicts are YAML-only
+    assert not any(a.dest == "queries" for a in p._actions)  # dicts are YAML-only, but for NAME=AMOUNT ones
+    assert p.parse_args(["--resources", "gpu_stage=1, big=0.25"]).resources == {"gpu_stage": 1.0, "big": 0.25}
+    assert config.build(_Demo, {"resources": {"a": 1}}, p.parse_args(["--resources", "b=2"])).resources == {"b": 2.0}
+    for bad in ("gpu_stage", "gpu_stage=many", "=1", "a=1,,b=2"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--resources", bad])
+
+
+@pytest.mark.parametrize("stage", ["crawl", "pseudo", "classify", "train"])
+def test_stage_resources_reject_cpus_gpus_and_negative_amounts(stage):
+    from ingest.crawl import CrawlConfig
+    from pseudo.classify import ClassifyConfig
+    from pseudo.stage import PseudoConfig
+    from train.trainer import TrainConfig
+
+    cls, needed = {"crawl": (CrawlConfig, {"keywords": ["car"]}),
+                   "pseudo": (PseudoConfig, {"classifier": "c.pt", "data": "d", "out": "o"}),
+                   "classify": (ClassifyConfig, {"data": "d", "out": "o"}),
+                   "train": (TrainConfig, {"data": "d", "out": "o"})}[stage]
+    assert config.build(cls, {**needed, "resources": {"gpu_stage": 1}}).resources == {"gpu_stage": 1}
+    for bad in ({"GPU": 1}, {"CPU": 2}, {"gpu_stage": -1}, {"gpu_stage": "one"}, ["gpu_stage"]):
+        with pytest.raises(ValueError, match="resources must map"):
+            config.build(cls, {**needed, "resources": bad})
 
 
 def test_bad_yaml_is_a_clear_error(tmp_path):

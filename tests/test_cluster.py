@@ -382,3 +382,38 @@ def test_pseudo_on_s3_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster
     assert shards.read_dataset_info(cfg.out)["samples"] == sum(inputs.values())
     assert len(finished_nodes("PseudoActor")) >= 2, "shards finished on both worker nodes"
     assert redone_elsewhere("PseudoActor", victim), "a shard cut off by the lost node was redone"
+
+
+def test_gpu_stages_run_on_gpu_stage_nodes_or_where_resources_say(cluster, s3, pseudo_inputs, tmp_path):
+    """A node tagged `gpu_stage` (cluster.yaml's GPU type) joins: the pseudo stage's actors go to it
+    by the tag alone, and a Ray Train fit built like classify's and train's goes where its explicit
+    `resources` option points (the request an autoscaler starts a node type for)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pseudo.stage import PseudoConfig, run_pseudo
+
+    cluster.ensure_workers(2)
+    tagged = cluster.cluster.add_node(num_cpus=2, resources={resources.GPU_STAGE: 1, "big_memory": 1})
+    try:
+        since = time.time_ns()
+        data, classifier = pseudo_inputs
+        cfg = PseudoConfig(classifier=classifier, data=data, out=f"{s3}/pseudo-routed", actors=2,
+                           actor_cpus=0.5, max_peaks=2)
+        assert run_pseudo(cfg)["failed"] == {}
+        # (some actor-task events carry no node id; those say nothing about placement)
+        nodes = {a.node for a in attempts("PseudoActor") if a.started >= since and "FINISHED" in a.states and a.node}
+        assert nodes == {tagged.node_id}, "pseudo actors only on the gpu_stage node, though others have CPUs"
+
+        def where(config):  # the same machine's disk is every node's disk here
+            with open(config["path"], "w") as f:
+                f.write(ray.get_runtime_context().get_node_id())
+        for i, explicit in enumerate((None, {"big_memory": 0.5})):
+            path = tmp_path / f"where{i}"
+            TorchTrainer(where, train_loop_config={"path": str(path)},
+                         scaling_config=resources.train_scaling(1, 0.5, False, explicit),
+                         run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+            assert path.read_text() == tagged.node_id
+    finally:
+        cluster.cluster.remove_node(tagged)

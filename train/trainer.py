@@ -27,7 +27,7 @@ from ray.train import UserCallback
 from ingest import storage
 from ingest.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
                                read_metrics)
-from ingest.resources import RAY_TRAIN_ENV, has_gpus
+from ingest.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
 from train.dataset import MASK_SOURCES, ShardDataset, build_index, collate, rank_batches, steps_per_epoch
 from train.maskrcnn import ARCHS, build_model, build_options, resolve_norm, save_model, weights_file
 
@@ -91,6 +91,8 @@ class TrainConfig:
     workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel processes)"})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker (= torch threads on CPU)"})
     use_gpu: Optional[bool] = field(default=None, metadata={"help": "one GPU per worker (default: when present)"})
+    resources: Optional[dict[str, float]] = field(default=None, metadata={
+        "help": "custom Ray resources per worker, NAME=AMOUNT,... (default: a share of gpu_stage where nodes have it)"})
     loader_workers: int = field(default=2, metadata={"help": "image-decoding processes per worker"})
     log_every: int = field(default=20, metadata={"help": "steps between metric reports (and stop checks)"})
     checkpoint_every: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: epochs only)"})
@@ -103,6 +105,7 @@ class TrainConfig:
             raise ValueError("train needs --data: a shard dataset with pseudo masks (or --masks gt)")
         if not self.out:
             raise ValueError("train needs --out: the run folder")
+        check_resources(self.resources)
         if self.masks not in MASK_SOURCES:
             raise ValueError(f"--masks must be one of {', '.join(MASK_SOURCES)}, got {self.masks!r}")
         if self.arch not in ARCHS:
@@ -329,8 +332,7 @@ def run_train(cfg: TrainConfig) -> dict:
         train_loop_config={"cfg": dataclasses.asdict(cfg), "entries": entries, "classes": classes,
                            "steps_per_epoch": spe},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=train_scaling(cfg.workers, cfg.cpus_per_worker, use_gpu, cfg.resources),
         run_config=ray_run_config(cfg.out, cfg.max_failures, cfg.keep_checkpoints, [MetricsWriter(cfg.out)]),
     )
     t0 = time.time()
