@@ -12,6 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 from urllib.parse import quote_plus
 
 from icrawler import Crawler
@@ -97,10 +98,35 @@ def components(unit: Unit, local_base: str | None) -> tuple[type, type, dict, di
                 dict(apikey=key, size_preference=FLICKR_SIZES))
     if unit.engine == "greedy":
         site = unit.query if unit.query.startswith("http") else "http://" + unit.query
-        return GreedyFeeder, GreedyParser, dict(domains=[site.rstrip("/")]), dict(domains=[site.rstrip("/")])
+        return (PoliteGreedyFeeder, PoliteGreedyParser, dict(domains=[site.rstrip("/")]),
+                dict(domains=[site.rstrip("/")]))
     if unit.engine == "urls":
         return UrlListFeeder, PseudoParser, dict(url_list=[u for u, _ in unit.rows]), {}
     raise ValueError(f"unknown engine {unit.engine!r}; known: {', '.join(ENGINES)}")
+
+
+class PoliteGreedyFeeder(GreedyFeeder):
+    """icrawler's site crawl, starting only where the site's robots.txt lets us in."""
+    robots_refusal: Callable[[str], Optional[str]] = staticmethod(lambda url: None)
+
+    def feed(self, domains):
+        return super().feed([d for d in domains if self.robots_refusal(d + "/") is None])
+
+
+class PoliteGreedyParser(GreedyParser):
+    """icrawler's site crawl, following only the links the site's robots.txt allows us.
+
+    Pages are fetched by icrawler's parser loop; the links it would queue are filtered here, so a
+    disallowed page is never requested (its images are checked again by the downloader)."""
+    robots_refusal: Callable[[str], Optional[str]] = staticmethod(lambda url: None)
+    on_disallowed: Callable[[], None] = staticmethod(lambda: None)
+
+    def parse(self, response, domains):
+        for task in super().parse(response, domains):
+            if isinstance(task, str) and self.robots_refusal(task) is not None:
+                self.on_disallowed()
+                continue
+            yield task
 
 
 def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSink:
@@ -126,6 +152,9 @@ def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSi
                           on_refused=lambda url, why: sink.count("requests_refused"))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
+    if unit.engine == "greedy":
+        crawler.feeder.robots_refusal = crawler.parser.robots_refusal = crawler.downloader.robots_refusal
+        crawler.parser.on_disallowed = lambda: sink.count("pages_disallowed")
 
     signal = crawler.signal
     signal.reset()

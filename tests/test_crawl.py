@@ -361,6 +361,28 @@ def test_robots_txt_is_read_once_per_site_and_obeyed(ray_local, serve, tmp_path)
     assert run_crawl(free)["samples"] == 1 and ruled.hits["/robots.txt"] == 1 and ruled.hits["/private/b.jpg"] == 1
 
 
+def test_greedy_site_crawl_follows_only_the_pages_robots_txt_allows(ray_local, serve, tmp_path):
+    jpg, page = {"Content-Type": "image/jpeg"}, {"Content-Type": "text/html"}
+    img = [encode(smooth_image(300 + i)) for i in range(3)]
+    srv = serve({})
+    u = srv.url
+    srv.routes.update({
+        "/robots.txt": (200, {"Content-Type": "text/plain"}, b"User-agent: maskless\nDisallow: /private\n"),
+        "/": (200, page, f'<html><body><img src="{u}/i0.jpg"><a href="{u}/open.html">open</a>'
+                         f'<a href="{u}/private/p.html">private</a></body></html>'.encode()),
+        "/open.html": (200, page, f'<html><body><img src="{u}/i1.jpg"></body></html>'.encode()),
+        "/private/p.html": (200, page, f'<html><body><img src="{u}/i2.jpg"></body></html>'.encode()),
+        **{f"/i{i}.jpg": (200, jpg, b) for i, b in enumerate(img)},
+    })
+    cfg = fast_config(tmp_path, engine=["greedy"], classes={"thing": [u]}, images_per_query=3,
+                      unit_idle_timeout=3.0, near_dup_bits=-1)
+    run_crawl(cfg)
+    assert {s.key for s in shards.read_dataset(cfg.out)} == {key_of(img[0]), key_of(img[1])}
+    assert "/private/p.html" not in srv.hits and "/i2.jpg" not in srv.hits and srv.hits["/robots.txt"] == 1
+    (stats,) = shards.read_stats(storage.join(cfg.out, "_units"))
+    assert stats["pages_disallowed"] >= 1  # the private link, once per time the root page is parsed
+
+
 def test_private_addresses_refused_before_any_connection(ray_local, serve, tmp_path):
     srv = serve({"/a.jpg": (200, {"Content-Type": "image/jpeg"}, encode(smooth_image(1)))})
     urls = write_urls(tmp_path / "urls.csv", [(srv.url + "/a.jpg", "x"), (srv.url + "/b.jpg", "y")])
