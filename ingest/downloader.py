@@ -87,15 +87,17 @@ class HostLimiter:
 
 def fetch(session: requests.Session, url: str, *, timeout: float, max_bytes: int, retries: int,
           backoff: float, max_backoff: float, respect_noai: bool, limiter: HostLimiter,
-          agent: str = AGENT, sleep: Callable[[float], None] = time.sleep) -> tuple[bytes, str]:
-    """GET an image body; (bytes, final url) or Rejected with the reason of the last attempt."""
+          agent: str = AGENT, html_ok: bool = False,
+          sleep: Callable[[float], None] = time.sleep) -> tuple[bytes, str]:
+    """GET an image body (any body with html_ok); (bytes, final url) or Rejected with the reason of
+    the last attempt."""
     host = urlsplit(url).hostname or ""
     attempt = 0
     while True:
         retry_after = 0.0
         try:
             with limiter.slot(host):
-                return _get_once(session, url, timeout, max_bytes, respect_noai, agent)
+                return _get_once(session, url, timeout, max_bytes, respect_noai, agent, html_ok)
         except _Retryable as e:
             reason, retry_after = e.reason, e.retry_after
         except RefusedAddress as e:
@@ -128,7 +130,7 @@ def _retry_after(value: str | None) -> float:
         return 0.0  # an HTTP date: fall back to our own backoff
 
 
-def _get_once(session, url, timeout, max_bytes, respect_noai, agent) -> tuple[bytes, str]:
+def _get_once(session, url, timeout, max_bytes, respect_noai, agent, html_ok) -> tuple[bytes, str]:
     start = time.monotonic()
     with session.get(url, timeout=timeout, stream=True) as resp:
         status = resp.status_code
@@ -138,7 +140,7 @@ def _get_once(session, url, timeout, max_bytes, respect_noai, agent) -> tuple[by
             raise Rejected(f"http_{status}")
         if respect_noai and robots_opt_out(resp.headers.get("X-Robots-Tag"), agent):
             raise Rejected("noai", "X-Robots-Tag opts out of AI use")
-        if resp.headers.get("Content-Type", "").lower().startswith("text/html"):
+        if not html_ok and resp.headers.get("Content-Type", "").lower().startswith("text/html"):
             raise Rejected("not_image", "Content-Type text/html")
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
@@ -205,13 +207,14 @@ class MasklessDownloader(ImageDownloader):
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"])
-        self.robots = RobotsCache(lambda url: self._fetch(url, respect_noai=False)[0])
+        # robots.txt is read whatever its Content-Type: some servers send real rules as text/html
+        self.robots = RobotsCache(lambda url: self._fetch(url, respect_noai=False, html_ok=True)[0])
 
-    def _fetch(self, url: str, respect_noai: bool) -> tuple[bytes, str]:
+    def _fetch(self, url: str, respect_noai: bool, html_ok: bool = False) -> tuple[bytes, str]:
         o = self.options
         return fetch(self.session, url, timeout=o["timeout"], max_bytes=o["max_bytes"], retries=o["retries"],
                      backoff=o["backoff"], max_backoff=o["max_backoff"], respect_noai=respect_noai,
-                     limiter=self.limiter)
+                     limiter=self.limiter, html_ok=html_ok)
 
     def robots_refusal(self, url: str) -> str | None:
         """None when robots.txt lets us fetch `url` (its Crawl-delay then paces the host), else why not."""

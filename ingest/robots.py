@@ -3,7 +3,7 @@
 Parsing is Protego's (Scrapy's parser): it implements RFC 9309's `*` and `$` wildcards and
 longest-match precedence, which the standard library's urllib.robotparser does not. What we add is
 the fetch and its outcome, which no parser decides (RFC 9309 section 2.3.1):
-- 2xx: the rules (the first 500 KiB); an HTML page there is a soft 404, so no rules;
+- 2xx: the rules (the first 500 KiB), whatever the Content-Type (an HTML soft-404 page holds none);
 - 4xx: no rules (the site has no robots.txt);
 - 5xx, 429, timeouts and network errors after our retries: the site is unreachable, so nothing of
   it is fetched in this task;
@@ -63,9 +63,9 @@ def rules_from_fetch(get: Callable[[str], bytes], site: str) -> SiteRules:
         if e.reason == "refused_private":
             return SiteRules(refusal="refused_private")
         unavailable = e.reason.startswith("http_4") and e.reason != "http_429"
-        # text/html there is a soft 404 page; past 5 redirects RFC 9309 lets us call it unavailable;
-        # a malformed URL is left for the image fetch to reject under its own name
-        if unavailable or e.reason in ("not_image", "too_many_redirects", "bad_url"):
+        # past 5 redirects RFC 9309 lets us call it unavailable; a malformed URL is left for the
+        # image fetch to reject under its own name
+        if unavailable or e.reason in ("too_many_redirects", "bad_url"):
             return SiteRules()
         return SiteRules(refusal="robots_unreachable")
     return SiteRules(parser=Protego.parse(body[:MAX_ROBOTS_BYTES].decode("utf-8", "replace")))
