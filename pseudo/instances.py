@@ -33,7 +33,7 @@ class MaskerOptions:
     peak_batch: int = 16              # peaks back-propagated together
     input_size: int | None = None     # classifier input side; None = the classifier's training image_size
     refine: str = "grabcut"           # each peak's mask refined by GrabCut (pseudo/refine.py), or "none"
-    refine_core: float = 0.8          # GrabCut: definitely object where the smoothed response >= this x max
+    refine_core: float = 0.6          # GrabCut: definitely object where the smoothed response >= this x max
     refine_margin: float = 0.25       # GrabCut: definitely background outside the mask's box grown by this
     refine_iterations: int = 5
     retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)

@@ -19,7 +19,7 @@ REFINERS = ("grabcut", "none")
 MIN_PIXELS = 25  # GrabCut fits 5-component colour models: both sides need a few samples each
 
 
-def grabcut(image: np.ndarray, mask: np.ndarray, response: np.ndarray, core: float = 0.8,
+def grabcut(image: np.ndarray, mask: np.ndarray, response: np.ndarray, core: float = 0.6,
             margin: float = 0.25, iterations: int = 5) -> np.ndarray:
     """The GrabCut refinement of `mask` (H, W bool) on `image` (H, W, 3 RGB uint8), seeded by the
     smoothed peak `response` (H, W). Returns the mask unchanged when it is too small, covers almost

@@ -61,7 +61,7 @@ class PseudoConfig:
     refine: str = field(default="grabcut", metadata={
         "help": "refine each peak's mask to the object's colour boundary (GrabCut seeded by the response) or none",
         "choices": list(REFINERS)})
-    refine_core: float = field(default=0.8, metadata={
+    refine_core: float = field(default=0.6, metadata={
         "help": "GrabCut: definitely object where the smoothed response >= this x its maximum in the mask"})
     refine_margin: float = field(default=0.25, metadata={
         "help": "GrabCut: definitely background outside the mask's box grown by this x its size"})
