@@ -195,7 +195,8 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
     stats = {
         **unit.describe(), "found": c["found"], "downloaded": c["downloaded"], "accepted": c["accepted"],
         "duplicates": c["duplicates"], "bytes": c["bytes"], "requests_refused": c["requests_refused"],
-        "idle_stops": c["idle_stops"], "pages_disallowed": c["pages_disallowed"], "rejected": dict(sink.rejected), "rejects": sink.rejects,
+        "idle_stops": c["idle_stops"], "pages_disallowed": c["pages_disallowed"],
+        "rejected": dict(sink.rejected), "rejects": sink.rejects,
         "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(),
     }
     with shards.ShardWriter(units_root, unit.name) as writer:
