@@ -38,50 +38,62 @@ class PseudoConfig:
     classifier: str = field(default="", metadata={"help": "classify run folder or its classifier.pt"})
     data: str = field(default="", metadata={"help": "input shard dataset (images with image-level labels)"})
     out: str = field(default="", metadata={"help": "output shard dataset: same shards with pseudo.json added"})
-    rule: str = field(default="response", metadata={
+    rule: str = field(default=MaskerOptions.rule, metadata={
         "help": "mask per peak: response (the smoothed peak response map; measured best, docs/PSEUDO.md), "
                 "prm (proposal by PRM's retrieval score) or wise (highest-objectness proposal at the point)",
         "choices": list(RULES)})
-    response: str = field(default="prm", metadata={
+    response: str = field(default=MaskerOptions.response, metadata={
         "help": "peak response backward rule: prm (peak backpropagation) or gradient (WISE)",
         "choices": list(RESPONSE_RULES)})
     proposals: str = field(default="selective_search", metadata={
         "help": "proposal source (default chosen by measured fidelity, docs/PSEUDO.md)", "choices": list(SOURCES)})
     objectness: str = field(default="stability", metadata={
         "help": "objectness proxy of the merging hierarchy", "choices": list(SCORES)})
-    classes_from: str = field(default="labels", metadata={
+    classes_from: str = field(default=MaskerOptions.classes_from, metadata={
         "help": "peaks for the image's labels or for the classifier's predicted classes",
         "choices": list(CLASS_SOURCES)})
-    class_threshold: float = field(default=0.0, metadata={"help": "predicted class: score (logit) above this"})
-    peak_threshold: float = field(default=0.5, metadata={"help": "peaks >= this fraction of the class map's max"})
-    max_peaks: int = field(default=10, metadata={"help": "peaks per class and image"})
-    peak_batch: int = field(default=16, metadata={"help": "peaks back-propagated in one batch"})
-    input_size: Optional[int] = field(default=None, metadata={
+    class_threshold: float = field(default=MaskerOptions.class_threshold, metadata={
+        "help": "predicted class: score (logit) above this"})
+    peak_threshold: float = field(default=MaskerOptions.peak_threshold, metadata={
+        "help": "peaks >= this fraction of the class map's max"})
+    max_peaks: int = field(default=MaskerOptions.max_peaks, metadata={"help": "peaks per class and image"})
+    peak_batch: int = field(default=MaskerOptions.peak_batch, metadata={"help": "peaks back-propagated in one batch"})
+    input_size: Optional[int] = field(default=MaskerOptions.input_size, metadata={
         "help": "classifier input side (default: the classifier's training image size)"})
-    refine: str = field(default="grabcut", metadata={
+    refine: str = field(default=MaskerOptions.refine, metadata={
         "help": "refine each peak's mask to the object's colour boundary (GrabCut seeded by the response) or none",
         "choices": list(REFINERS)})
-    refine_core: float = field(default=0.6, metadata={
+    refine_core: float = field(default=MaskerOptions.refine_core, metadata={
         "help": "GrabCut: definitely object where the smoothed response >= this x its maximum in the mask"})
-    refine_margin: float = field(default=0.25, metadata={
+    refine_margin: float = field(default=MaskerOptions.refine_margin, metadata={
         "help": "GrabCut: definitely background outside the mask's box grown by this x its size"})
-    refine_iterations: int = field(default=5, metadata={"help": "GrabCut iterations"})
-    inside_weight: float = field(default=0.8, metadata={"help": "PRM score: weight of the response inside"})
-    contour_weight: float = field(default=1.0, metadata={"help": "PRM score: weight of the response on the contour"})
-    background_weight: float = field(default=1e-5, metadata={"help": "PRM score: penalty per background pixel"})
-    background_ratio: float = field(default=0.95, metadata={
+    refine_iterations: int = field(default=MaskerOptions.refine_iterations, metadata={"help": "GrabCut iterations"})
+    inside_weight: float = field(default=RetrievalOptions.inside_weight, metadata={
+        "help": "PRM score: weight of the response inside"})
+    contour_weight: float = field(default=RetrievalOptions.contour_weight, metadata={
+        "help": "PRM score: weight of the response on the contour"})
+    background_weight: float = field(default=RetrievalOptions.background_weight, metadata={
+        "help": "PRM score: penalty per background pixel"})
+    background_ratio: float = field(default=RetrievalOptions.background_ratio, metadata={
         "help": "background = class response below this x its mean"})
-    contour_width: int = field(default=5, metadata={"help": "contour = morphological gradient of this width (px)"})
-    min_area: float = field(default=2e-5, metadata={"help": "skip proposals under this fraction of the image"})
-    max_area: float = field(default=0.85, metadata={"help": "skip proposals at or over this fraction"})
-    max_proposals: int = field(default=100, metadata={"help": "best N proposals by objectness considered (0 = all)"})
-    response_blur: float = field(default=0.03, metadata={
+    contour_width: int = field(default=RetrievalOptions.contour_width, metadata={
+        "help": "contour = morphological gradient of this width (px)"})
+    min_area: float = field(default=RetrievalOptions.min_area, metadata={
+        "help": "skip proposals under this fraction of the image"})
+    max_area: float = field(default=RetrievalOptions.max_area, metadata={
+        "help": "skip proposals at or over this fraction"})
+    max_proposals: int = field(default=RetrievalOptions.max_proposals, metadata={
+        "help": "best N proposals by objectness considered (0 = all)"})
+    response_blur: float = field(default=RetrievalOptions.response_blur, metadata={
         "help": "rule response: Gaussian sigma as a fraction of the image's shorter side"})
-    response_threshold: float = field(default=0.4, metadata={
+    response_threshold: float = field(default=RetrievalOptions.response_threshold, metadata={
         "help": "rule response: mask where the smoothed map >= this x its maximum"})
-    nms_iou: float = field(default=0.3, metadata={"help": "NMS IoU threshold between a peak's instances"})
-    merge_responses: bool = field(default=True, metadata={"help": "NMS adds suppressed peaks' response maps"})
-    class_agnostic_nms: bool = field(default=False, metadata={"help": "NMS across classes"})
+    nms_iou: float = field(default=RetrievalOptions.nms_iou, metadata={
+        "help": "NMS IoU threshold between a peak's instances"})
+    merge_responses: bool = field(default=RetrievalOptions.merge_responses, metadata={
+        "help": "NMS adds suppressed peaks' response maps"})
+    class_agnostic_nms: bool = field(default=RetrievalOptions.class_agnostic_nms, metadata={
+        "help": "NMS across classes"})
     cache_proposals: bool = field(default=False, metadata={
         "help": "store each sample's proposals in the output shard (proposals.npz), reused by later runs"})
     actors: int = field(default=2, metadata={"help": "classifier actors in the pool"})
@@ -107,13 +119,11 @@ class PseudoConfig:
         return self.rule != "response"
 
     def masker_options(self) -> MaskerOptions:
-        names = {f.name for f in dataclasses.fields(RetrievalOptions)}
-        retrieval = RetrievalOptions(**{n: getattr(self, n) for n in names})
-        return MaskerOptions(rule=self.rule, response=self.response, classes_from=self.classes_from,
-                             class_threshold=self.class_threshold, peak_threshold=self.peak_threshold,
-                             max_peaks=self.max_peaks, peak_batch=self.peak_batch, input_size=self.input_size,
-                             refine=self.refine, refine_core=self.refine_core, refine_margin=self.refine_margin,
-                             refine_iterations=self.refine_iterations, retrieval=retrieval)
+        """The masker's options: the fields this config shares with MaskerOptions and RetrievalOptions
+        (whose defaults are this config's defaults)."""
+        retrieval = RetrievalOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RetrievalOptions)})
+        shared = [f.name for f in dataclasses.fields(MaskerOptions) if f.name != "retrieval"]
+        return MaskerOptions(**{n: getattr(self, n) for n in shared}, retrieval=retrieval)
 
     def validate(self) -> None:
         for name in ("classifier", "data", "out"):
