@@ -336,6 +336,11 @@ def train_loop(lc: dict) -> None:
 
     for epoch in range(start_epoch, lc["epochs"]):
         if lc["fail_at_epoch"] == epoch and start_epoch < epoch:
+            # All ranks fail, but only after rank 0 has handed in the last epoch's checkpoint: Ray Train keeps a
+            # report only once every rank's is in, so a rank failing while rank 0 still uploads would end the
+            # attempt without it (Ray's semantics for a real crash; not the failure this hook simulates).
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
             raise RuntimeError(f"injected failure at the start of epoch {epoch} (fail_at_epoch)")
         t0 = time.time()
         stream = ShardStream(lc["data"], classes, fraction, False,
