@@ -33,6 +33,7 @@ from ingest.local_engine import LocalSearchServer
 logger = logging.getLogger(__name__)
 
 UNITS_DIR = "_units"
+ROBOTS_DIR = "_robots"  # robots.txt answers shared by the run's tasks (ingest/robots.py RobotsStore)
 SUMMARY_FILE = "crawl_summary.json"
 DEFAULT_USER_AGENT = "maskless/0.1 (image dataset crawler; honours robots.txt and X-Robots-Tag noai/noimageai)"
 PAGE_SIZE = {"bing": 20, "local": 20, "baidu": 30, "google": 100, "flickr": 1}
@@ -195,7 +196,7 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
     stats = {
         **unit.describe(), "found": c["found"], "downloaded": c["downloaded"], "accepted": c["accepted"],
         "duplicates": c["duplicates"], "bytes": c["bytes"], "requests_refused": c["requests_refused"],
-        "idle_stops": c["idle_stops"], "pages_disallowed": c["pages_disallowed"],
+        "idle_stops": c["idle_stops"], "pages_disallowed": c["pages_disallowed"], "robots_fetched": c["robots_fetched"],
         "rejected": dict(sink.rejected), "rejects": sink.rejects,
         "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(),
     }
@@ -210,7 +211,7 @@ def _options(cfg: CrawlConfig) -> dict:
     keys = ("image_size", "jpeg_quality", "timeout", "min_size", "max_pixels", "max_bytes", "per_host_concurrency",
             "per_host_rps", "retries", "backoff", "max_backoff", "max_redirects", "user_agent", "respect_noai",
             "respect_robots", "max_crawl_delay", "threads", "allow_private", "unit_idle_timeout")
-    return {k: getattr(cfg, k) for k in keys}
+    return {**{k: getattr(cfg, k) for k in keys}, "robots_store": storage.join(cfg.out, ROBOTS_DIR)}
 
 
 def _run_units(cfg: CrawlConfig, units: list[Unit], units_root: str, local_base: str | None) -> tuple[list, list]:

@@ -25,7 +25,7 @@ import requests
 from icrawler import ImageDownloader
 from icrawler.storage import BaseStorage
 
-from ingest.robots import RobotsCache, site_of
+from ingest.robots import RobotsCache, RobotsStore, site_of
 from ingest.safety import RefusedAddress
 from ingest.shards import Sample
 from ingest.validator import Rejected, clean_image
@@ -207,8 +207,13 @@ class MasklessDownloader(ImageDownloader):
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"])
-        # robots.txt is read whatever its Content-Type: some servers send real rules as text/html
-        self.robots = RobotsCache(lambda url: self._fetch(url, respect_noai=False, html_ok=True)[0])
+        store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
+        self.robots = RobotsCache(self._fetch_robots, store)
+
+    def _fetch_robots(self, url: str) -> bytes:
+        self.storage.count("robots_fetched")
+        # read whatever its Content-Type: some servers send real rules as text/html
+        return self._fetch(url, respect_noai=False, html_ok=True)[0]
 
     def _fetch(self, url: str, respect_noai: bool, html_ok: bool = False) -> tuple[bytes, str]:
         o = self.options

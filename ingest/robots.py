@@ -1,4 +1,4 @@
-"""robots.txt: read once per site per crawl task, before any image of that site is requested.
+"""robots.txt: read once per site per crawl run, before any image of that site is requested.
 
 Parsing is Protego's (Scrapy's parser): it implements RFC 9309's `*` and `$` wildcards and
 longest-match precedence, which the standard library's urllib.robotparser does not. What we add is
@@ -9,26 +9,43 @@ the fetch and its outcome, which no parser decides (RFC 9309 section 2.3.1):
   it is fetched in this task;
 - a site our address guard refuses: its images are refused for that reason, not for robots.
 The fetch goes through the same session, retries, per-host limits and address guard as images.
+The rules are kept for the run's other tasks in a folder of the crawl output (RobotsStore): a crawl
+is thousands of small tasks, each touching the same big image hosts, and a per-task cache asked
+those hosts for robots.txt once per task.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from protego import Protego
 
+from ingest import storage
 from ingest.validator import Rejected
 
+log = logging.getLogger(__name__)
+
 MAX_ROBOTS_BYTES = 500 * 1024  # RFC 9309: parse at least 500 KiB
+MAX_AGE_S = 24 * 3600  # RFC 9309: a crawler SHOULD NOT use a cached robots.txt for longer
 
 
 @dataclass(frozen=True)
 class SiteRules:
-    """What one site's robots.txt says to us; `refusal` is the reject reason for any URL when set."""
+    """What one site's robots.txt says to us; `refusal` is the reject reason for any URL when set.
+
+    `text` is the robots.txt read (None: the site has none)."""
     parser: Optional[Protego] = None
     refusal: Optional[str] = None
+    text: Optional[str] = None
+
+    @classmethod
+    def from_text(cls, text: Optional[str]) -> "SiteRules":
+        return cls() if text is None else cls(parser=Protego.parse(text), text=text)
 
     def check(self, url: str, agent: str) -> Optional[str]:
         """None when `agent` may fetch `url`, else the reject reason."""
@@ -68,14 +85,52 @@ def rules_from_fetch(get: Callable[[str], bytes], site: str) -> SiteRules:
         if unavailable or e.reason in ("too_many_redirects", "bad_url"):
             return SiteRules()
         return SiteRules(refusal="robots_unreachable")
-    return SiteRules(parser=Protego.parse(body[:MAX_ROBOTS_BYTES].decode("utf-8", "replace")))
+    return SiteRules.from_text(body[:MAX_ROBOTS_BYTES].decode("utf-8", "replace"))
+
+
+class RobotsStore:
+    """Rules fetched by any task of a crawl, one JSON file per site under `root`, for MAX_AGE_S.
+
+    Only answers the site gave are kept (rules, or none); a site that was unreachable is asked
+    again by the next task. Tasks that start on a new site at the same moment may each fetch it
+    once: the store saves requests, it does not lock."""
+
+    def __init__(self, root: str, max_age_s: float = MAX_AGE_S):
+        self.root, self.max_age_s = root, max_age_s
+
+    def _path(self, site: str) -> str:
+        return storage.join(self.root, hashlib.sha1(site.encode()).hexdigest()[:20] + ".json")
+
+    def load(self, site: str) -> Optional[SiteRules]:
+        """The stored rules of `site`, or None when absent, too old or unreadable (then fetched again)."""
+        path = self._path(site)
+        try:
+            entry = storage.read_json(path)
+            fresh = time.time() - float(entry["fetched_at"]) < self.max_age_s
+            if entry["site"] != site or not fresh:
+                return None
+            return SiteRules.from_text(entry["text"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("robots.txt store entry %s is unreadable (%r): fetching the site's robots.txt again", path, e)
+            return None
+
+    def save(self, site: str, rules: SiteRules) -> None:
+        if rules.refusal is not None:
+            return
+        try:
+            storage.write_json_atomic(self._path(site), {"site": site, "fetched_at": time.time(), "text": rules.text})
+        except OSError as e:  # the task has its rules; only later tasks lose the saved request
+            log.warning("could not store %s's robots.txt under %s: %r", site, self.root, e)
 
 
 class RobotsCache:
-    """Each site's rules, fetched by the first thread that needs them while the others wait."""
+    """Each site's rules for one task, fetched (or loaded from the run's store) by the first thread
+    that needs them while the others wait."""
 
-    def __init__(self, get: Callable[[str], bytes]):
-        self._get = get
+    def __init__(self, get: Callable[[str], bytes], store: Optional[RobotsStore] = None):
+        self._get, self._store = get, store
         self._lock = threading.Lock()
         self._sites: dict[str, tuple[threading.Lock, list]] = {}
 
@@ -85,5 +140,10 @@ class RobotsCache:
             lock, slot = self._sites.setdefault(site, (threading.Lock(), []))
         with lock:
             if not slot:
-                slot.append(rules_from_fetch(self._get, site))
+                rules = self._store.load(site) if self._store else None
+                if rules is None:
+                    rules = rules_from_fetch(self._get, site)
+                    if self._store:
+                        self._store.save(site, rules)
+                slot.append(rules)
             return slot[0]

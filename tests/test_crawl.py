@@ -21,7 +21,7 @@ from ingest import shards, storage
 from ingest.crawl import CrawlConfig, crawl_unit, plan_units, run_crawl, _options
 from ingest.dedup import NearIndex, decide, hamming
 from ingest.downloader import robots_opt_out
-from ingest.robots import rules_from_fetch
+from ingest.robots import RobotsCache, RobotsStore, rules_from_fetch
 from ingest.safety import RefusedAddress, address_block, check_url
 from ingest.validator import Rejected, clean_image
 
@@ -202,6 +202,45 @@ def test_robots_fetch_outcomes_follow_rfc_9309():
     assert rules.delay("maskless") == 5.0 and rules.delay("otherbot") == 0.0  # the longer of 2 s and 5 s/request
 
 
+def test_robots_store_shares_answers_between_tasks_for_a_day(tmp_path, caplog):
+    store = RobotsStore(str(tmp_path / "_robots"))
+    answers = {"http://a.test": b"User-agent: *\nDisallow: /p/\n", "http://gone.test": Rejected("http_404"),
+               "http://busy.test": Rejected("http_503")}
+    asked = []
+
+    def get(url):
+        site = url.rsplit("/", 1)[0]
+        asked.append(site)
+        if isinstance(answers[site], Exception):
+            raise answers[site]
+        return answers[site]
+
+    def task_view(url):  # each crawl task has its own cache over the run's store
+        return RobotsCache(get, store).rules(url).check(url, "maskless")
+
+    for _ in range(3):
+        assert task_view("http://a.test/p/x.jpg") == "robots" and task_view("http://a.test/y.jpg") is None
+        assert task_view("http://gone.test/x.jpg") is None
+        assert task_view("http://busy.test/x.jpg") == "robots_unreachable"
+    # rules and "no robots.txt" are asked once; an unreachable site is asked again by every task
+    assert asked.count("http://a.test") == 1 and asked.count("http://gone.test") == 1
+    assert asked.count("http://busy.test") == 3
+    entries = [storage.read_json(str(tmp_path / "_robots" / n)) for n in sorted(os.listdir(tmp_path / "_robots"))]
+    assert sorted(e["site"] for e in entries) == ["http://a.test", "http://gone.test"]
+
+    # older than 24 hours (RFC 9309): fetched again, and the new answer is what counts
+    path = store._path("http://a.test")
+    storage.write_json_atomic(path, {**storage.read_json(path), "fetched_at": time.time() - 25 * 3600})
+    answers["http://a.test"] = b"User-agent: *\nDisallow: /\n"
+    assert task_view("http://a.test/y.jpg") == "robots" and asked.count("http://a.test") == 2
+    assert task_view("http://a.test/z.jpg") == "robots" and asked.count("http://a.test") == 2
+    # a damaged entry is fetched again (with a warning) and replaced
+    with open(path, "w") as f:
+        f.write('{"site": "http://a.te')
+    assert task_view("http://a.test/y.jpg") == "robots" and asked.count("http://a.test") == 3
+    assert "unreadable" in caplog.text and storage.read_json(path)["site"] == "http://a.test"
+
+
 def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown engine"):
         CrawlConfig(keywords=["car"], engine=["altavista"]).validate()
@@ -361,6 +400,26 @@ def test_robots_txt_is_read_once_per_site_and_obeyed(ray_local, serve, tmp_path)
     free = fast_config(tmp_path, out=str(tmp_path / "free"), respect_robots=False,
                        urls=write_urls(tmp_path / "f.csv", [(ruled.url + "/private/b.jpg", "thing")]))
     assert run_crawl(free)["samples"] == 1 and ruled.hits["/robots.txt"] == 1 and ruled.hits["/private/b.jpg"] == 1
+
+
+def test_robots_txt_is_read_once_per_run_and_rerun(ray_local, serve, tmp_path):
+    jpg, text = {"Content-Type": "image/jpeg"}, {"Content-Type": "text/plain"}
+    srv = serve({"/robots.txt": (200, text, b"User-agent: maskless\nDisallow: /no/\n"),
+                 **{f"/i{i}.jpg": (200, jpg, encode(smooth_image(240 + i))) for i in range(6)},
+                 "/no/j.jpg": (200, jpg, encode(smooth_image(250)))})
+    rows = [(f"{srv.url}/i{i}.jpg", "thing") for i in range(4)] + [(srv.url + "/no/j.jpg", "thing")]
+    # three units of 2 rows, one after the other: the first one's answer serves the others
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", rows), shard_size=2, workers=1, near_dup_bits=-1)
+    summary = run_crawl(cfg)
+    assert summary["units_run"] == 3 and summary["samples"] == 4 and srv.hits["/robots.txt"] == 1
+    assert "/no/j.jpg" not in srv.hits
+    stats = shards.read_stats(storage.join(cfg.out, "_units"))
+    assert sorted(st["robots_fetched"] for st in stats) == [0, 0, 1]
+    # a later command into the same folder (new URLs, new units) asks no more
+    more = rows + [(f"{srv.url}/i{i}.jpg", "thing") for i in (4, 5)]
+    summary = run_crawl(fast_config(tmp_path, urls=write_urls(tmp_path / "v.csv", more), shard_size=2, workers=1,
+                                    near_dup_bits=-1))
+    assert summary["samples"] == 6 and srv.hits["/robots.txt"] == 1
 
 
 def test_greedy_site_crawl_follows_only_the_pages_robots_txt_allows(ray_local, serve, tmp_path):
