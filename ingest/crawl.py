@@ -29,6 +29,7 @@ from ingest import resources, shards, storage
 from ingest.dedup import decide
 from ingest.engines import ENGINES, Unit, run_unit
 from ingest.local_engine import LocalSearchServer
+from ingest.pacer import start_pacer
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class CrawlConfig:
     max_pixels: int = field(default=40_000_000, metadata={"help": "reject images with more pixels (bombs)"})
     max_bytes: int = field(default=20_000_000, metadata={"help": "reject downloads larger than this"})
     per_host_concurrency: int = field(default=4, metadata={"help": "concurrent requests per host, per task"})
-    per_host_rps: float = field(default=5.0, metadata={"help": "request starts per second per host, per task (0: no limit)"})
+    per_host_rps: float = field(default=5.0, metadata={"help": "request starts per second per host, for the whole crawl (0: no limit)"})
     retries: int = field(default=2, metadata={"help": "retries on 429, 5xx, timeouts and connection errors"})
     backoff: float = field(default=1.0, metadata={"help": "first retry delay in seconds (doubles each retry)"})
     max_backoff: float = field(default=30.0, metadata={"help": "longest retry delay, Retry-After included"})
@@ -222,29 +223,33 @@ def _run_units(cfg: CrawlConfig, units: list[Unit], units_root: str, local_base:
         raise RuntimeError("run_crawl needs Ray initialised by the caller (ray.init(...) or the maskless CLI)")
     # max_retries covers worker/node death; a retried unit finds its shard if it had committed
     task = ray.remote(crawl_unit).options(**resources.crawl_options(cfg.task_cpus, cfg.resources), max_retries=3)
-    options = _options(cfg)
+    pacer = start_pacer()  # per-host pace for the whole crawl (ingest/pacer.py)
+    options = {**_options(cfg), "pacer": pacer}
     records, failures, pending = [], [], {}
     todo = list(units)
     bar = tqdm(total=len(units), desc="crawl units", unit="unit", disable=None if cfg.progress else True)
     accepted = 0
-    while todo or pending:
-        while todo and len(pending) < cfg.workers:
-            u = todo.pop(0)
-            pending[task.remote(u, options, units_root, local_base)] = u
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            u = pending.pop(ref)
-            try:
-                rec = ray.get(ref)
-            except Exception as e:  # one bad unit must not lose the others' work
-                logger.error("unit %s failed: %s", u.name, e)
-                failures.append({"unit": u.name, "error": str(e).splitlines()[-1] if str(e) else repr(e)})
-            else:
-                records.append(rec)
-                accepted += rec.get("accepted", 0)
-            bar.update(1)
-            bar.set_postfix(images=accepted)
-    bar.close()
+    try:
+        while todo or pending:
+            while todo and len(pending) < cfg.workers:
+                u = todo.pop(0)
+                pending[task.remote(u, options, units_root, local_base)] = u
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                u = pending.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except Exception as e:  # one bad unit must not lose the others' work
+                    logger.error("unit %s failed: %s", u.name, e)
+                    failures.append({"unit": u.name, "error": str(e).splitlines()[-1] if str(e) else repr(e)})
+                else:
+                    records.append(rec)
+                    accepted += rec.get("accepted", 0)
+                bar.update(1)
+                bar.set_postfix(images=accepted)
+    finally:
+        bar.close()
+        ray.kill(pacer)
     return records, failures
 
 

@@ -25,6 +25,7 @@ import requests
 from icrawler import ImageDownloader
 from icrawler.storage import BaseStorage
 
+from ingest.pacer import LocalPacer, pacer_for
 from ingest.robots import RobotsCache, RobotsStore, site_of
 from ingest.safety import RefusedAddress
 from ingest.shards import Sample
@@ -55,16 +56,15 @@ def robots_opt_out(header: str | None, agent: str = AGENT) -> bool:
 
 
 class HostLimiter:
-    """At most `concurrency` requests at once and `rate` request starts per second, per host, and
-    request starts at least a host's own delay apart (its robots.txt Crawl-delay) when longer.
+    """At most `concurrency` requests at once per host (in this task), and request starts `1/rate`
+    seconds apart, or the host's own delay (its robots.txt Crawl-delay) when longer, booked with
+    `pacer` (ingest/pacer.py): the crawl's shared pace book, so that pace holds for the whole crawl."""
 
-    Per process: a crawl's tasks each hold one, so a host sees at most tasks x these limits."""
-
-    def __init__(self, concurrency: int, rate: float):
+    def __init__(self, concurrency: int, rate: float, pacer: Callable[[str, float], float] | None = None):
         self.concurrency, self.rate = concurrency, rate
+        self._pacer = pacer or LocalPacer()
         self._lock = threading.Lock()
         self._sems: dict[str, threading.Semaphore] = {}
-        self._next: dict[str, float] = {}
         self._delay: dict[str, float] = {}
 
     def set_delay(self, host: str, seconds: float) -> None:
@@ -78,10 +78,8 @@ class HostLimiter:
         with sem:
             with self._lock:
                 interval = max(1.0 / self.rate if self.rate > 0 else 0.0, self._delay.get(host, 0.0))
-                now = time.monotonic()
-                start = max(now, self._next.get(host, now))
-                self._next[host] = start + interval
-            time.sleep(max(0.0, start - now))
+            if interval > 0:
+                time.sleep(max(0.0, self._pacer(host, interval)))
             yield
 
 
@@ -206,7 +204,7 @@ class MasklessDownloader(ImageDownloader):
         super().__init__(thread_num, signal, session, storage)
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
-        self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"])
+        self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer_for(o.get("pacer")))
         store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
         self.robots = RobotsCache(self._fetch_robots, store)
 

@@ -21,6 +21,7 @@ from ingest import shards, storage
 from ingest.crawl import CrawlConfig, crawl_unit, plan_units, run_crawl, _options
 from ingest.dedup import NearIndex, decide, hamming
 from ingest.downloader import robots_opt_out
+from ingest.pacer import FORGET_AFTER, PaceBook, SharedPacer, start_pacer
 from ingest.robots import RobotsCache, RobotsStore, rules_from_fetch
 from ingest.safety import RefusedAddress, address_block, check_url
 from ingest.validator import Rejected, clean_image
@@ -420,6 +421,44 @@ def test_robots_txt_is_read_once_per_run_and_rerun(ray_local, serve, tmp_path):
     summary = run_crawl(fast_config(tmp_path, urls=write_urls(tmp_path / "v.csv", more), shard_size=2, workers=1,
                                     near_dup_bits=-1))
     assert summary["samples"] == 6 and srv.hits["/robots.txt"] == 1
+
+
+def test_pace_book_books_each_host_interval_after_interval(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("ingest.pacer.time.monotonic", lambda: now[0])
+    book = PaceBook()
+    assert [book.reserve("a", 0.5) for _ in range(3)] == [0.0, 0.5, 1.0]
+    assert book.reserve("b", 2.0) == 0.0  # hosts are paced apart
+    now[0] += 0.75
+    assert book.reserve("a", 0.5) == 0.75  # booked at 1001.5, asked at 1000.75
+    now[0] += 10
+    assert book.reserve("a", 0.5) == 0.0 and book.reserve("b", 2.0) == 0.0  # past bookings do not carry over
+    for i in range(FORGET_AFTER + 1):
+        book.reserve(f"h{i}", 0.001)
+    now[0] += 5
+    book.reserve("c", 1.0)
+    assert list(book._next) == ["c"]  # past bookings forgotten once there are too many hosts
+
+
+def test_shared_pacer_books_through_the_actor_and_survives_losing_it(ray_local, caplog):
+    actor = start_pacer()
+    first, second = SharedPacer(actor), SharedPacer(actor)  # two tasks
+    assert first("h", 30.0) == 0.0 and 29.0 < second("h", 30.0) <= 30.0  # one book for both
+    ray_local.kill(actor)
+    assert second("h", 30.0) == 0.0  # its own book from now on: a unit is never lost to the pacer
+    assert 29.0 < second("h", 30.0) <= 30.0 and "unreachable" in caplog.text
+
+
+def test_crawl_delay_holds_across_concurrent_tasks(ray_local, serve, tmp_path):
+    # two units crawl the same host at once; its Crawl-delay is for the crawl, not for each task
+    srv = serve({"/robots.txt": (200, {"Content-Type": "text/plain"}, b"User-agent: *\nCrawl-delay: 0.5\n"),
+                 **{f"/i{i}.jpg": (200, {"Content-Type": "image/jpeg"}, encode(smooth_image(260 + i))) for i in range(6)}})
+    rows = [(f"{srv.url}/i{i}.jpg", "thing") for i in range(6)]
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", rows), shard_size=3, workers=2, near_dup_bits=-1)
+    assert run_crawl(cfg)["samples"] == 6
+    starts = sorted(t for i in range(6) for t in srv.times[f"/i{i}.jpg"])
+    gaps = [round(b - a, 3) for a, b in zip(starts, starts[1:])]
+    assert len(starts) == 6 and min(gaps) > 0.35, gaps
 
 
 def test_greedy_site_crawl_follows_only_the_pages_robots_txt_allows(ray_local, serve, tmp_path):
