@@ -194,15 +194,17 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
     t0 = time.monotonic()
     sink = run_unit(unit, options, local_base)
     c = sink.counts
+    keys = sink.first(unit.count)
     stats = {
-        **unit.describe(), "found": c["found"], "downloaded": c["downloaded"], "accepted": c["accepted"],
+        **unit.describe(), "found": c["found"], "downloaded": c["downloaded"], "accepted": len(keys),
+        "beyond_window": c["accepted"] - len(keys),
         "duplicates": c["duplicates"], "bytes": c["bytes"], "requests_refused": c["requests_refused"],
         "idle_stops": c["idle_stops"], "pages_disallowed": c["pages_disallowed"], "robots_fetched": c["robots_fetched"],
         "rejected": dict(sink.rejected), "rejects": sink.rejects,
         "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(),
     }
     with shards.ShardWriter(units_root, unit.name) as writer:
-        for key in sorted(sink.samples):
+        for key in keys:
             writer.write(sink.samples[key])
         info = writer.commit(stats)
     return {**info, "resumed": False}

@@ -161,22 +161,34 @@ class UnitSink(BaseStorage):
 
     def __init__(self):
         self.samples: dict[str, Sample] = {}
+        self.ranks: dict[str, int] = {}  # a sample's first position in the engine's results
         self.counts: Counter = Counter()
         self.rejected: Counter = Counter()
         self.rejects: list[dict] = []
         self.lock = threading.Lock()
 
-    def write(self, id: str, data: Sample) -> bool:
+    def write(self, id: str, data: Sample, rank: int = 0) -> bool:
         """Keep a sample; a second copy of the same content only adds its labels. True when new."""
         with self.lock:
             old = self.samples.get(id)
             if old is None:
-                self.samples[id] = data
+                self.samples[id], self.ranks[id] = data, rank
                 self.counts["accepted"] += 1
                 return True
             old.meta["labels"] = sorted(set(old.meta["labels"]) | set(data.meta["labels"]))
+            self.ranks[id] = min(self.ranks[id], rank)
             self.counts["duplicates"] += 1
             return False
+
+    def first(self, limit: int) -> list[str]:
+        """Keys of the `limit` samples that came first in the results (all when limit is 0), sorted.
+
+        Downloads finish in any order and the ones in flight when the window fills still land, so
+        which samples a unit holds would depend on timing; keeping the first ones by result rank
+        makes a unit's shard the same on every run that gets the same answers."""
+        with self.lock:
+            keys = sorted(self.samples, key=lambda k: (self.ranks[k], k))
+        return sorted(keys[:limit] if limit else keys)
 
     def exists(self, id: str) -> bool:
         with self.lock:
@@ -205,6 +217,7 @@ class MasklessDownloader(ImageDownloader):
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer_for(o.get("pacer")))
+        self.take_lock, self.taken = threading.Lock(), 0
         store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
         self.robots = RobotsCache(self._fetch_robots, store)
 
@@ -264,7 +277,7 @@ class MasklessDownloader(ImageDownloader):
         if final_url != url:
             meta["final_url"] = final_url
         key = img.sha256[:24]
-        new = sink.write(key, Sample(key=key, jpg=img.jpg, meta=meta))
+        new = sink.write(key, Sample(key=key, jpg=img.jpg, meta=meta), task.get("rank", 0))
         if new and self.max_num and len(sink.samples) >= self.max_num:
             self.signal.set(reach_max_num=True)
         return new
@@ -277,7 +290,9 @@ class MasklessDownloader(ImageDownloader):
         self.max_num = max_num
         while not self.signal.get("reach_max_num"):
             try:
-                task = self.in_queue.get(timeout=queue_timeout)
+                with self.take_lock:  # ranks follow the queue, which is in the engine's result order
+                    task = self.in_queue.get(timeout=queue_timeout)
+                    task["rank"], self.taken = self.taken, self.taken + 1
             except queue.Empty:
                 if self.signal.get("parser_exited"):
                     break

@@ -20,6 +20,7 @@ from PIL import Image
 from ingest import shards, storage
 from ingest.crawl import CrawlConfig, crawl_unit, plan_units, run_crawl, _options
 from ingest.dedup import NearIndex, decide, hamming
+from ingest.engines import Unit
 from ingest.downloader import robots_opt_out
 from ingest.pacer import FORGET_AFTER, PaceBook, SharedPacer, start_pacer
 from ingest.robots import RobotsCache, RobotsStore, rules_from_fetch
@@ -459,6 +460,24 @@ def test_crawl_delay_holds_across_concurrent_tasks(ray_local, serve, tmp_path):
     starts = sorted(t for i in range(6) for t in srv.times[f"/i{i}.jpg"])
     gaps = [round(b - a, 3) for a, b in zip(starts, starts[1:])]
     assert len(starts) == 6 and min(gaps) > 0.35, gaps
+
+
+def test_a_unit_keeps_the_first_results_of_its_window_whatever_finishes_first(serve, tmp_path):
+    jpg = {"Content-Type": "image/jpeg"}
+    bodies = [encode(smooth_image(270 + i)) for i in range(8)]
+
+    def slow(n):  # the second result takes longest: the window fills while it is still in flight
+        time.sleep(1.0)
+        return 200, jpg, bodies[1]
+    srv = serve({**{f"/i{i}.jpg": (200, jpg, b) for i, b in enumerate(bodies)}, "/i1.jpg": slow})
+    rows = tuple((f"{srv.url}/i{i}.jpg", ("thing",)) for i in range(8))
+    unit = Unit("urls", "", "list", 0, 0, 5, rows)  # a window of 5 over 8 results
+    cfg = fast_config(tmp_path)
+    units_root = str(tmp_path / "units")
+    record = crawl_unit(unit, _options(cfg), units_root, None)
+    kept = sorted(s.meta["url"] for s in shards.read_shard(storage.join(units_root, unit.name + ".tar")))
+    assert kept == sorted(f"{srv.url}/i{i}.jpg" for i in range(5))
+    assert record["accepted"] == 5 and record["beyond_window"] >= 1  # rank 5 finished before rank 1
 
 
 def test_greedy_site_crawl_follows_only_the_pages_robots_txt_allows(ray_local, serve, tmp_path):
