@@ -23,6 +23,7 @@ from icrawler.builtin.google import GoogleFeeder, GoogleParser
 from icrawler.builtin.greedy import GreedyFeeder, GreedyParser
 from icrawler.builtin.urllist import PseudoParser
 from icrawler.feeder import UrlListFeeder
+from icrawler.utils import CachedQueue
 
 from ingest.downloader import MasklessDownloader, UnitSink
 from ingest.safety import SafeAdapter
@@ -143,6 +144,11 @@ def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSi
     crawler = Crawler(feeder_cls, parser_cls, MasklessDownloader, downloader_threads=options["threads"],
                       storage=sink, log_level=logging.CRITICAL,
                       extra_downloader_args=dict(options=options, unit=unit.describe(), labels_for=labels_for))
+    # icrawler's queues hold 5 tasks per thread, and a put that waited 1 s on a full queue is retried
+    # and then dropped as a "duplicate" (its CachedQueue marks an item seen before the put): a slow
+    # download lost search results. Unbounded queues never wait; they hold one unit's URLs at most.
+    crawler.feeder.out_queue = crawler.parser.in_queue = CachedQueue()
+    crawler.parser.out_queue = crawler.downloader.in_queue = CachedQueue()
     session = crawler.session
     session.headers.clear()
     session.headers.update({"User-Agent": options["user_agent"], "Accept": "image/*,*/*;q=0.8"})

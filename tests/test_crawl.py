@@ -1,5 +1,7 @@
 """Crawl tests, all on loopback against servers defined here (no traffic leaves 127.0.0.1)."""
+import html
 import io
+import json
 import os
 import shutil
 import signal
@@ -312,6 +314,29 @@ def test_local_engine_crawl_via_bing_parser(ray_local, tiny_world, tmp_path):
     assert summary["exact_duplicates"] == sum(len(v) - 1 for v in expected.values())
     s = next(shards.read_dataset(cfg.out))
     assert s.meta["engine"] == "local" and "/img/" in s.meta["url"] and s.image().size == (96, 96)
+
+
+def test_a_slow_download_loses_no_search_result(serve, tmp_path):
+    # one download thread stuck on a slow first image while the parser has 11 more results: icrawler's
+    # queue holds 5, and a result whose put timed out (1 s) was retried as a "duplicate" and dropped
+    jpg = {"Content-Type": "image/jpeg"}
+    bodies = [encode(smooth_image(280 + i)) for i in range(12)]
+
+    def slow(n):
+        time.sleep(2.5)
+        return 200, jpg, bodies[0]
+    srv = serve({f"/i{i}.jpg": (200, jpg, b) for i, b in enumerate(bodies)})
+    srv.routes["/i0.jpg"] = slow
+    divs = []
+    for i in range(12):
+        m = html.escape(json.dumps({"murl": f"{srv.url}/i{i}.jpg", "t": str(i)}, separators=(",", ":")), quote=True)
+        divs.append(f'<div class="imgpt"><a class="iusc" m="{m}" href="#"><img src="x"></a></div>')
+    srv.routes["/images/async?q=thing&first=0"] = (200, {"Content-Type": "text/html"},
+                                                   ("<html><body>" + "".join(divs) + "</body></html>").encode())
+    unit = Unit("local", "thing", "thing", 0, 0, 12)
+    record = crawl_unit(unit, _options(fast_config(tmp_path, threads=1, timeout=5.0)), str(tmp_path / "u"), srv.url)
+    assert record["found"] == record["accepted"] == 12, (srv.hits, record)
+    assert all(srv.hits.get(f"/i{i}.jpg") == 1 for i in range(12))
 
 
 def test_hostile_server_yields_exactly_the_good_images(ray_local, serve, tmp_path):
