@@ -217,7 +217,6 @@ class MasklessDownloader(ImageDownloader):
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer_for(o.get("pacer")))
-        self.take_lock, self.taken = threading.Lock(), 0
         store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
         self.robots = RobotsCache(self._fetch_robots, store)
 
@@ -290,9 +289,7 @@ class MasklessDownloader(ImageDownloader):
         self.max_num = max_num
         while not self.signal.get("reach_max_num"):
             try:
-                with self.take_lock:  # ranks follow the queue, which is in the engine's result order
-                    task = self.in_queue.get(timeout=queue_timeout)
-                    task["rank"], self.taken = self.taken, self.taken + 1
+                task = self.in_queue.get(timeout=queue_timeout)
             except queue.Empty:
                 if self.signal.get("parser_exited"):
                     break

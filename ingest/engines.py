@@ -130,6 +130,20 @@ class PoliteGreedyParser(GreedyParser):
             yield task
 
 
+class RankedQueue(CachedQueue):
+    """The parser -> downloader queue, unbounded, numbering each result in the order it is queued
+    (the engine's result order) for the unit's window (UnitSink.first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.queued = 0
+
+    def _put(self, item) -> None:  # Queue calls it under its lock: ranks follow the queue's order
+        if isinstance(item, dict):
+            item["rank"], self.queued = self.queued, self.queued + 1
+        super()._put(item)
+
+
 def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSink:
     """Drive icrawler's feeder and parser with our downloader for one unit; returns what it got."""
     feeder_cls, parser_cls, feeder_kw, parser_kw = components(unit, local_base)
@@ -148,7 +162,7 @@ def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSi
     # and then dropped as a "duplicate" (its CachedQueue marks an item seen before the put): a slow
     # download lost search results. Unbounded queues never wait; they hold one unit's URLs at most.
     crawler.feeder.out_queue = crawler.parser.in_queue = CachedQueue()
-    crawler.parser.out_queue = crawler.downloader.in_queue = CachedQueue()
+    crawler.parser.out_queue = crawler.downloader.in_queue = RankedQueue()
     session = crawler.session
     session.headers.clear()
     session.headers.update({"User-Agent": options["user_agent"], "Accept": "image/*,*/*;q=0.8"})
