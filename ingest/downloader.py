@@ -25,7 +25,7 @@ import requests
 from icrawler import ImageDownloader
 from icrawler.storage import BaseStorage
 
-from ingest.pacer import LocalPacer, pacer_for
+from ingest.pacer import LocalPacer, SharedPacer
 from ingest.robots import RobotsCache, RobotsStore, site_of
 from ingest.safety import RefusedAddress
 from ingest.shards import Sample
@@ -216,7 +216,8 @@ class MasklessDownloader(ImageDownloader):
         super().__init__(thread_num, signal, session, storage)
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
-        self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer_for(o.get("pacer")))
+        pacer = SharedPacer(o["pacer"]) if o.get("pacer") is not None else None  # None: this task's own pace
+        self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer)
         store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
         self.robots = RobotsCache(self._fetch_robots, store)
 

@@ -5,8 +5,8 @@ most of them. A host's pace (`per_host_rps`, or its robots.txt Crawl-delay when 
 for the crawl as a whole: paced per task, a host asking for one request every 10 s would get one
 per 10 s from every running task. One small Ray actor on the driver's node hands out start times:
 `reserve(host, interval)` books the host's next free start and says how long to wait for it.
-A call costs a Ray round trip (about a millisecond on one machine), made only for hosts that
-have a pace at all (per_host_rps 0 and no Crawl-delay: no call). Its clock is the only clock, so
+A call costs a Ray round trip (0.8 ms from one thread on the 2-core development machine), made only
+for hosts that have a pace at all (per_host_rps 0 and no Crawl-delay: no call). Its clock is the only clock, so
 machines need not agree on the time.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,15 @@ class PaceBook:
 
     def __init__(self):
         self._next: dict[str, float] = {}
+        self._forget_after = FORGET_AFTER
 
     def reserve(self, host: str, interval: float) -> float:
         """Book the host's next start, `interval` seconds after the previous booking; seconds to wait."""
         now = time.monotonic()
-        if len(self._next) > FORGET_AFTER:
+        if len(self._next) > self._forget_after:
             self._next = {h: t for h, t in self._next.items() if t > now}
+            # still many hosts booked ahead: prune again only when the book has doubled
+            self._forget_after = max(FORGET_AFTER, 2 * len(self._next))
         start = max(now, self._next.get(host, now))
         self._next[host] = start + interval
         return start - now
@@ -87,7 +90,3 @@ class SharedPacer:
                 log.warning("the crawl's host pacer is unreachable (%r): pacing hosts within this task only", e)
                 self._fallback = LocalPacer()
         return self._fallback(host, interval)
-
-
-def pacer_for(actor: Any) -> Callable[[str, float], float]:
-    return SharedPacer(actor) if actor is not None else LocalPacer()

@@ -459,11 +459,21 @@ def test_pace_book_books_each_host_interval_after_interval(monkeypatch):
     assert book.reserve("a", 0.5) == 0.75  # booked at 1001.5, asked at 1000.75
     now[0] += 10
     assert book.reserve("a", 0.5) == 0.0 and book.reserve("b", 2.0) == 0.0  # past bookings do not carry over
+    # past bookings are forgotten once there are too many hosts
+    book = PaceBook()
     for i in range(FORGET_AFTER + 1):
         book.reserve(f"h{i}", 0.001)
     now[0] += 5
     book.reserve("c", 1.0)
-    assert list(book._next) == ["c"]  # past bookings forgotten once there are too many hosts
+    assert list(book._next) == ["c"]
+    # bookings still ahead are kept, and the book is scanned again only once it has doubled
+    book = PaceBook()
+    for i in range(FORGET_AFTER + 2):
+        book.reserve(f"h{i}", 100.0)
+    assert len(book._next) == FORGET_AFTER + 2  # the scan at FORGET_AFTER + 1 found nothing past
+    now[0] += 200
+    book.reserve("d", 1.0)
+    assert len(book._next) == FORGET_AFTER + 3  # all past now, but no scan before 2 x (FORGET_AFTER + 1)
 
 
 def test_shared_pacer_books_through_the_actor_and_survives_losing_it(ray_local, caplog):
