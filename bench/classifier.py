@@ -20,14 +20,14 @@ import time
 
 import torch
 
-from ingest import masks, shards
-from ingest.voc import import_voc
-from ingest.world import make_world
-from pseudo.classifier import load_classifier
+from maskless.core import masks, shards
+from maskless.ingest.voc import import_voc
+from maskless.ingest.world import make_world
+from maskless.pseudo.classifier import load_classifier
 from bench.common import write_result
-from ingest.resources import RAY_TRAIN_ENV
-from pseudo.classify import ClassifyConfig, eval_transform, run_classify
-from pseudo.peak_stimulation import find_peaks
+from maskless.core.resources import RAY_TRAIN_ENV
+from maskless.pseudo.classify import ClassifyConfig, eval_transform, run_classify
+from maskless.pseudo.peak_stimulation import find_peaks
 
 THRESHOLDS = (0.0, 0.25, 0.5)
 

@@ -86,7 +86,7 @@ def ensure_img2dataset(venv: str) -> str | None:
 def run_ours(csv_path: str, out: str, args) -> dict:
     import ray
 
-    from ingest.crawl import CrawlConfig, run_crawl
+    from maskless.ingest.crawl import CrawlConfig, run_crawl
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from bench.common import write_result
-from ingest import shards
-from pseudo.classifier import load_classifier
-from pseudo.fidelity import FidelityAccumulator, image_size
-from pseudo.instances import MaskerOptions, PseudoMasker
-from pseudo.proposals import SCORES, SOURCES, make_source
-from pseudo.refine import REFINERS
-from pseudo.retrieval import RetrievalOptions
-from pseudo.stage import PseudoConfig, run_pseudo
+from maskless.core import shards
+from maskless.pseudo.classifier import load_classifier
+from maskless.pseudo.fidelity import FidelityAccumulator, image_size
+from maskless.pseudo.instances import MaskerOptions, PseudoMasker
+from maskless.pseudo.proposals import SCORES, SOURCES, make_source
+from maskless.pseudo.refine import REFINERS
+from maskless.pseudo.retrieval import RetrievalOptions
+from maskless.pseudo.stage import PseudoConfig, run_pseudo
 
 
 def fidelity_table(run: str, samples: list[shards.Sample]) -> list[dict]:
@@ -94,8 +94,8 @@ def _masked_row(masker: PseudoMasker, samples: list[shards.Sample], responses: l
 def _oracle(samples: list[shards.Sample], proposals: list, considered_only: bool) -> dict:
     """Upper bound of any rule: each gt instance takes its best proposal (of those the rules may
     take: top max_proposals by objectness within the area limits, or of all)."""
-    from ingest import masks as rle
-    from pseudo.retrieval import considered
+    from maskless.core import masks as rle
+    from maskless.pseudo.retrieval import considered
 
     best, n_props = [], 0
     for s, p in zip(samples, proposals):
@@ -142,10 +142,10 @@ def throughput(run: str, samples: list[shards.Sample], out: str, shard_size: int
 def train_classifier(out: str, images: int) -> tuple[str, str]:
     import ray
 
-    from ingest.voc import import_voc
-    from ingest.world import make_world
-    from ingest.resources import RAY_TRAIN_ENV
-    from pseudo.classify import ClassifyConfig, run_classify
+    from maskless.ingest.voc import import_voc
+    from maskless.ingest.world import make_world
+    from maskless.core.resources import RAY_TRAIN_ENV
+    from maskless.pseudo.classify import ClassifyConfig, run_classify
 
     for k, v in RAY_TRAIN_ENV.items():
         os.environ.setdefault(k, v)

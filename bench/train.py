@@ -30,13 +30,13 @@ import time
 import torch
 
 from bench.common import write_result
-from ingest.voc import import_voc
-from ingest.world import make_world
-from train.dataset import ShardDataset, build_index, collate, rank_batches, steps_per_epoch
-from train.maskrcnn import build_model
-from ingest.resources import RAY_TRAIN_ENV
-from ingest.run_folder import read_metrics
-from train.trainer import TrainConfig, learning_rate, run_train
+from maskless.ingest.voc import import_voc
+from maskless.ingest.world import make_world
+from maskless.train.dataset import ShardDataset, build_index, collate, rank_batches, steps_per_epoch
+from maskless.train.maskrcnn import build_model
+from maskless.core.resources import RAY_TRAIN_ENV
+from maskless.core.run_folder import read_metrics
+from maskless.train.trainer import TrainConfig, learning_rate, run_train
 
 
 def plain_loop(cfg: TrainConfig, steps: int, log_every: int) -> list[float]:

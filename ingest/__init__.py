@@ -1,2 +1,2 @@
-"""Ingest: everything that turns the outside world (search engines, URL lists, VOC/COCO folders,
-the synthetic world) into maskless shards, plus the shard format every later stage reads."""
+"""Ingest: getting data in. Crawling by keyword or URL list (`crawl` and its steps), PASCAL VOC and
+COCO import, and the synthetic world; everything lands in the shard format of maskless.core."""

@@ -15,7 +15,7 @@ import os
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ingest import masks, shards
+from maskless.core import masks, shards
 
 log = logging.getLogger(__name__)
 

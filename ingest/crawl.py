@@ -25,11 +25,11 @@ from typing import Optional
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ingest import resources, shards, storage
-from ingest.dedup import decide
-from ingest.engines import ENGINES, Unit, run_unit
-from ingest.local_engine import LocalSearchServer
-from ingest.pacer import start_pacer
+from maskless.core import resources, shards, storage
+from maskless.ingest.dedup import decide
+from maskless.ingest.engines import ENGINES, Unit, run_unit
+from maskless.ingest.local_engine import LocalSearchServer
+from maskless.ingest.pacer import start_pacer
 
 logger = logging.getLogger(__name__)
 

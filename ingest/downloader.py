@@ -25,11 +25,11 @@ import requests
 from icrawler import ImageDownloader
 from icrawler.storage import BaseStorage
 
-from ingest.pacer import LocalPacer, SharedPacer
-from ingest.robots import RobotsCache, RobotsStore, site_of
-from ingest.safety import RefusedAddress
-from ingest.shards import Sample
-from ingest.validator import Rejected, clean_image
+from maskless.ingest.pacer import LocalPacer, SharedPacer
+from maskless.ingest.robots import RobotsCache, RobotsStore, site_of
+from maskless.ingest.safety import RefusedAddress
+from maskless.core.shards import Sample
+from maskless.ingest.validator import Rejected, clean_image
 
 logger = logging.getLogger(__name__)
 

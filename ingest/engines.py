@@ -25,8 +25,8 @@ from icrawler.builtin.urllist import PseudoParser
 from icrawler.feeder import UrlListFeeder
 from icrawler.utils import CachedQueue
 
-from ingest.downloader import MasklessDownloader, UnitSink
-from ingest.safety import SafeAdapter
+from maskless.ingest.downloader import MasklessDownloader, UnitSink
+from maskless.ingest.safety import SafeAdapter
 
 ENGINES = ("bing", "baidu", "google", "flickr", "greedy", "urls", "local")
 FLICKR_SIZES = ["large", "medium 800", "medium 640", "large 1600", "original", "medium"]

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 from protego import Protego
 
-from ingest import storage
-from ingest.validator import Rejected
+from maskless.core import storage
+from maskless.ingest.validator import Rejected
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from ingest import masks, shards
-from ingest.world import VOID
+from maskless.core import masks, shards
+from maskless.ingest.world import VOID
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ingest import storage
+from maskless.core import storage
 
 # (name, shape, texture) per class, in class-index order (index 1 = first entry).
 CLASS_STYLES: list[tuple[str, str, str]] = [

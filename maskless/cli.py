@@ -31,22 +31,22 @@ class StageCommand:
 
 STAGES = [
     StageCommand("crawl", "crawl images by keyword into shards (Ray tasks through icrawler)",
-                 "ingest.crawl", "CrawlConfig", "run_crawl", "crawl"),
+                 "maskless.ingest.crawl", "CrawlConfig", "run_crawl", "crawl"),
     StageCommand("classify", "train the image-level classifier with peak stimulation (Ray Train)",
-                 "pseudo.classify", "ClassifyConfig", "run_classify", "classify"),
+                 "maskless.pseudo.classify", "ClassifyConfig", "run_classify", "classify"),
     StageCommand("pseudo", "write pseudo instance masks into new shards (Ray Data actors)",
-                 "pseudo.stage", "PseudoConfig", "run_pseudo", "pseudo"),
+                 "maskless.pseudo.stage", "PseudoConfig", "run_pseudo", "pseudo"),
     StageCommand("pseudo-eval", "fidelity report of pseudo masks against ground truth",
-                 "pseudo.fidelity", "FidelityConfig", "run_fidelity", "pseudo_eval", needs_ray=False),
+                 "maskless.pseudo.fidelity", "FidelityConfig", "run_fidelity", "pseudo_eval", needs_ray=False),
     StageCommand("train", "train Mask R-CNN on pseudo (or true) masks (Ray Train)",
-                 "train.trainer", "TrainConfig", "run_train", "train"),
+                 "maskless.train.trainer", "TrainConfig", "run_train", "train"),
     StageCommand("predict", "instance masks (COCO RLE JSON) and overlays for images",
-                 "train.predict", "PredictConfig", "run_predict", "predict",
+                 "maskless.train.predict", "PredictConfig", "run_predict", "predict",
                  positionals=(("images", "IMAGES", "+"),), needs_ray=False),
     StageCommand("eval", "score a model or a predictions file (mAP^r at IoU 0.25/0.5/0.75, ABO)",
-                 "train.evaluate", "EvalConfig", "run_eval", "eval", needs_ray=False),
+                 "maskless.train.evaluate", "EvalConfig", "run_eval", "eval", needs_ray=False),
     StageCommand("ablate", "noise-sensitivity ablation: degraded true masks -> Mask R-CNN -> mAP",
-                 "train.ablate", "AblateConfig", "run_ablate", "ablate"),
+                 "maskless.train.ablate", "AblateConfig", "run_ablate", "ablate"),
 ]
 OTHER = {
     "world": "write the synthetic VOC-format world",
@@ -131,9 +131,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("maskless").setLevel(logging.INFO)
-    for name in ("ingest", "pseudo", "train"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("maskless").setLevel(logging.INFO)  # every stage logs under maskless.*
 
 
 def _run_stage(cmd: StageCommand, args: argparse.Namespace) -> dict:
@@ -152,16 +150,16 @@ def dispatch(args: argparse.Namespace) -> dict:
     if stage:
         return _run_stage(stage, args)
     if args.command == "world":
-        from ingest.world import make_world
+        from maskless.ingest.world import make_world
 
         return make_world(args.out, classes=args.classes, images=args.images, seed=args.seed, size=args.size,
                           val_fraction=args.val_fraction)
     if args.command == "import":
         if args.kind == "voc":
-            from ingest.voc import import_voc
+            from maskless.ingest.voc import import_voc
 
             return import_voc(args.root, args.out, split=args.split, shard_size=args.shard_size)
-        from ingest.coco import import_coco
+        from maskless.ingest.coco import import_coco
 
         return import_coco(args.annotations, args.images, args.out, shard_size=args.shard_size)
     if args.command == "run":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ingest.resources import RAY_TRAIN_ENV
+from maskless.core.resources import RAY_TRAIN_ENV
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ingest import storage
+from maskless.core import storage
 from maskless import config
 
 log = logging.getLogger("maskless.run")
@@ -97,9 +97,8 @@ def _log_to_file(out: str) -> logging.Handler:
     handler = logging.FileHandler(os.path.join(out, "logs", "run.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    for name in ("maskless", "ingest", "pseudo", "train"):
-        logging.getLogger(name).addHandler(handler)
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("maskless").addHandler(handler)  # every stage logs under maskless.*
+    logging.getLogger("maskless").setLevel(logging.INFO)
     return handler
 
 
@@ -128,8 +127,7 @@ def run_pipeline(config_path: str, out: str | None = None, address: str | None =
         _run_stages(p, run_cfg, sections)
     finally:
         if handler:
-            for name in ("maskless", "ingest", "pseudo", "train"):
-                logging.getLogger(name).removeHandler(handler)
+            logging.getLogger("maskless").removeHandler(handler)
     summary = _summary(p, run_cfg, time.time() - t_start)
     storage.write_json_atomic(p.path("summary.json"), summary)
     _print_summary(summary)
@@ -137,10 +135,10 @@ def run_pipeline(config_path: str, out: str | None = None, address: str | None =
 
 
 def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
-    from ingest.voc import import_voc
+    from maskless.ingest.voc import import_voc
 
     if cfg.source == "world":
-        from ingest.world import make_world
+        from maskless.ingest.world import make_world
 
         root = p.path("world")
         p.stage("world", lambda: make_world(root, **cfg.world))
@@ -154,7 +152,7 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
     classes = p.results["import"]["train"]["classes"]
 
     if cfg.crawl:
-        from ingest.crawl import run_crawl
+        from maskless.ingest.crawl import run_crawl
 
         queries = cfg.queries or {c: [c] for c in classes}
         engine = {}
@@ -163,7 +161,7 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
             web = p.path("web")
             p.stage("web", lambda: _web_folder(root, cfg.train_split, web))
             engine = {"engine": ["local"], "local_root": web, "allow_private": True}
-        crawl_cfg = _stage_config("ingest.crawl", "CrawlConfig", s["crawl"], out=p.path("data", "crawl"),
+        crawl_cfg = _stage_config("maskless.ingest.crawl", "CrawlConfig", s["crawl"], out=p.path("data", "crawl"),
                                   classes=queries, **engine)
         p.stage("crawl", lambda: run_crawl(crawl_cfg))
         label_data = p.path("data", "crawl")
@@ -173,31 +171,31 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
     else:
         label_data = data["train"]
 
-    from pseudo.classify import run_classify
-    from pseudo.fidelity import run_fidelity
-    from pseudo.stage import run_pseudo
+    from maskless.pseudo.classify import run_classify
+    from maskless.pseudo.fidelity import run_fidelity
+    from maskless.pseudo.stage import run_pseudo
 
-    classify_cfg = _stage_config("pseudo.classify", "ClassifyConfig", s["classify"], data=label_data,
+    classify_cfg = _stage_config("maskless.pseudo.classify", "ClassifyConfig", s["classify"], data=label_data,
                                  out=p.path("classifier"))
     p.stage("classify", lambda: run_classify(classify_cfg))
-    pseudo_cfg = _stage_config("pseudo.stage", "PseudoConfig", s["pseudo"], classifier=p.path("classifier"),
+    pseudo_cfg = _stage_config("maskless.pseudo.stage", "PseudoConfig", s["pseudo"], classifier=p.path("classifier"),
                                data=data["train"], out=p.path("data", "pseudo"))
     p.stage("pseudo", lambda: run_pseudo(pseudo_cfg))
-    fid_cfg = _stage_config("pseudo.fidelity", "FidelityConfig", s["pseudo_eval"], data=p.path("data", "pseudo"),
+    fid_cfg = _stage_config("maskless.pseudo.fidelity", "FidelityConfig", s["pseudo_eval"], data=p.path("data", "pseudo"),
                             out=p.path("reports", "fidelity"))
     p.stage("fidelity", lambda: run_fidelity(fid_cfg))
 
-    from train.evaluate import run_eval
-    from train.trainer import run_train
+    from maskless.train.evaluate import run_eval
+    from maskless.train.trainer import run_train
 
     runs = [("weak", p.path("data", "pseudo"), "pseudo")]
     if cfg.fully_supervised:
         runs.append(("full", data["train"], "gt"))
     for name, train_data, mask_source in runs:
-        train_cfg = _stage_config("train.trainer", "TrainConfig", s["train"], data=train_data, masks=mask_source,
+        train_cfg = _stage_config("maskless.train.trainer", "TrainConfig", s["train"], data=train_data, masks=mask_source,
                                   out=p.path("models", name))
         p.stage(f"train_{name}", lambda c=train_cfg: run_train(c))
-        eval_cfg = _stage_config("train.evaluate", "EvalConfig", s["eval"], model=p.path("models", name, "model.pt"),
+        eval_cfg = _stage_config("maskless.train.evaluate", "EvalConfig", s["eval"], model=p.path("models", name, "model.pt"),
                                  gt=data["val"], out=p.path("reports", name))
         p.stage(f"eval_{name}", lambda c=eval_cfg: run_eval(c))
 
@@ -206,7 +204,7 @@ def _web_folder(voc_root: str, split: str, out: str) -> dict:
     """Copy the split's images into OUT/CLASS/ID.jpg by their XML labels (an image under each of its classes)."""
     import shutil
 
-    from ingest.voc import split_ids, voc_class_names, xml_labels
+    from maskless.ingest.voc import split_ids, voc_class_names, xml_labels
 
     names = voc_class_names(voc_root)
     counts = {c: 0 for c in names}

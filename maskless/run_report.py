@@ -3,8 +3,8 @@ same images, same training budget) and the pseudo masks' own fidelity, side by s
 published VOC 2012 numbers as a separate reference table."""
 from __future__ import annotations
 
-from ingest import storage
-from train.report import _md_table, _pct, published_table
+from maskless.core import storage
+from maskless.train.report import _md_table, _pct, published_table
 
 
 def _ap_rows(results: dict) -> tuple[list[str], list[list[str]]]:

@@ -18,8 +18,8 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from ingest import storage
-from pseudo.peak_stimulation import BACKWARD_MODES, peak_stimulation
+from maskless.core import storage
+from maskless.pseudo.peak_stimulation import BACKWARD_MODES, peak_stimulation
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
-from ingest import shards, storage
-from ingest.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
+from maskless.core import shards, storage
+from maskless.core.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
                                read_metrics)
-from ingest.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
-from pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
+from maskless.core.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
+from maskless.pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, save_classifier)
-from pseudo.peak_stimulation import BACKWARD_MODES
+from maskless.pseudo.peak_stimulation import BACKWARD_MODES
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ingest import masks as rle
-from ingest import shards, storage
+from maskless.core import masks as rle
+from maskless.core import shards, storage
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pseudo.classifier import PeakClassifier
-from pseudo.classify import eval_transform
-from pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
-from pseudo.proposals import Proposals
-from pseudo.refine import REFINERS, grabcut
-from pseudo.retrieval import (RULES, Candidate, PrmScorer, RetrievalOptions, considered, nms, response_mask, to_instance,
+from maskless.pseudo.classifier import PeakClassifier
+from maskless.pseudo.classify import eval_transform
+from maskless.pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
+from maskless.pseudo.proposals import Proposals
+from maskless.pseudo.refine import REFINERS, grabcut
+from maskless.pseudo.retrieval import (RULES, Candidate, PrmScorer, RetrievalOptions, considered, nms, response_mask, to_instance,
                               smooth, wise_select)
 
 CLASS_SOURCES = ("labels", "predicted")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pseudo.peak_stimulation import find_peaks
+from maskless.pseudo.peak_stimulation import find_peaks
 
 RULES = ("prm", "gradient")
 

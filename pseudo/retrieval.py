@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ingest import masks as rle
-from pseudo.proposals import Proposals
+from maskless.core import masks as rle
+from maskless.pseudo.proposals import Proposals
 
 RULES = ("prm", "wise", "response")
 

@@ -21,13 +21,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ingest import shards, storage
-from ingest.resources import check_resources, gpu_stage_options, has_gpus
-from pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
-from pseudo.peak_response import RULES as RESPONSE_RULES
-from pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, cached_or_compute, make_source
-from pseudo.refine import REFINERS
-from pseudo.retrieval import RULES, RetrievalOptions
+from maskless.core import shards, storage
+from maskless.core.resources import check_resources, gpu_stage_options, has_gpus
+from maskless.pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
+from maskless.pseudo.peak_response import RULES as RESPONSE_RULES
+from maskless.pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, cached_or_compute, make_source
+from maskless.pseudo.refine import REFINERS
+from maskless.pseudo.retrieval import RULES, RetrievalOptions
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "pseudo.summary.json"
@@ -174,7 +174,7 @@ class PseudoActor:
     def __init__(self, cfg: dict, device: str):
         import torch
 
-        from pseudo.classifier import load_classifier
+        from maskless.pseudo.classifier import load_classifier
 
         self.cfg = PseudoConfig(**cfg)
         torch.set_num_threads(self.cfg.threads)
@@ -241,7 +241,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     others are committed; rerun to redo the failed ones)."""
     import ray
 
-    from pseudo.classifier import load_classifier
+    from maskless.pseudo.classifier import load_classifier
 
     cfg.validate()
     if not storage.exists(cfg.data):

@@ -25,7 +25,7 @@ def ray_local(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A VOC-format synthetic world: 3 classes, 24 images of 96 px (18 train, 6 val)."""
-    from ingest.world import make_world
+    from maskless.ingest.world import make_world
 
     root = tmp_path_factory.mktemp("world")
     make_world(str(root), classes=3, images=24, seed=0, size=96)
@@ -35,7 +35,7 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def world_shards(tiny_world, tmp_path_factory):
     """The tiny world's train and val splits imported as shards with gt.json."""
-    from ingest.voc import import_voc
+    from maskless.ingest.voc import import_voc
 
     out = tmp_path_factory.mktemp("world_shards")
     train = import_voc(tiny_world, str(out / "train"), split="train", shard_size=6)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from ingest import shards
-from train import ablate
+from maskless.core import shards
+from maskless.train import ablate
 
 
 def square(h=60, w=60, y=20, x=20, s=20):

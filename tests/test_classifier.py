@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pseudo.classifier import PeakClassifier, build_classifier, load_classifier, save_classifier
-from pseudo.peak_stimulation import find_peaks, peak_map, peak_stimulation
+from maskless.pseudo.classifier import PeakClassifier, build_classifier, load_classifier, save_classifier
+from maskless.pseudo.peak_stimulation import find_peaks, peak_map, peak_stimulation
 
 # 3x3 map: (0,1)=3 is a peak; (1,2)=3 ties with it inside its window and loses (first index wins);
 # (2,0)=2 is a peak; median of the map is 1, so both peaks stay. Score = (3 + 2) / 2.
@@ -96,7 +96,7 @@ def test_missing_weights_are_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_average_precision_and_balanced_weights_by_hand():
-    from pseudo.classify import average_precision, is_held_out, sample_weights_fn
+    from maskless.pseudo.classify import average_precision, is_held_out, sample_weights_fn
 
     # positives ranked 1st and 3rd: precisions 1/1 and 2/3
     assert average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0])) == pytest.approx(5 / 6)
@@ -114,7 +114,7 @@ def test_average_precision_and_balanced_weights_by_hand():
 def test_shard_stream_split_and_partitions(world_shards):
     from itertools import islice
 
-    from pseudo.classify import ShardStream, eval_transform
+    from maskless.pseudo.classify import ShardStream, eval_transform
 
     classes, tf = world_shards["classes"], eval_transform(32)
     n = {side: sum(1 for _ in ShardStream(world_shards["train"], classes, 0.3, side, tf, train=False))
@@ -134,7 +134,7 @@ def _records(out):
 
 
 def test_two_worker_training_survives_a_failure_and_a_rerun(ray_local, world_shards, tmp_path):
-    from pseudo.classify import ClassifyConfig, run_classify
+    from maskless.pseudo.classify import ClassifyConfig, run_classify
 
     out = str(tmp_path / "run")
     cfg = dict(data=world_shards["train"], val_data=world_shards["val"], out=out, backbone="tiny",

@@ -88,10 +88,10 @@ def test_config_merges_defaults_yaml_and_flags():
 
 @pytest.mark.parametrize("stage", ["crawl", "pseudo", "classify", "train"])
 def test_stage_resources_reject_cpus_gpus_and_negative_amounts(stage):
-    from ingest.crawl import CrawlConfig
-    from pseudo.classify import ClassifyConfig
-    from pseudo.stage import PseudoConfig
-    from train.trainer import TrainConfig
+    from maskless.ingest.crawl import CrawlConfig
+    from maskless.pseudo.classify import ClassifyConfig
+    from maskless.pseudo.stage import PseudoConfig
+    from maskless.train.trainer import TrainConfig
 
     cls, needed = {"crawl": (CrawlConfig, {"keywords": ["car"]}),
                    "pseudo": (PseudoConfig, {"classifier": "c.pt", "data": "d", "out": "o"}),
@@ -115,7 +115,7 @@ def test_bad_yaml_is_a_clear_error(tmp_path):
 
 def test_relative_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     """Ray workers do not share the driver's working directory."""
-    from pseudo.classify import ClassifyConfig
+    from maskless.pseudo.classify import ClassifyConfig
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.pt").write_bytes(b"x")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from ingest import resources, shards, storage
+from maskless.core import resources, shards, storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Fast node-death detection (the default takes ~15 s) and task events flushed every 100 ms.
@@ -300,9 +300,9 @@ def test_crawl_job_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster, t
 
     import ray
 
-    from ingest.crawl import UNITS_DIR, CrawlConfig, plan_units
-    from ingest.validator import clean_image
-    from ingest.world import make_world
+    from maskless.ingest.crawl import UNITS_DIR, CrawlConfig, plan_units
+    from maskless.ingest.validator import clean_image
+    from maskless.ingest.world import make_world
 
     cluster.ensure_workers(2)
     world = str(tmp_path / "world")
@@ -348,9 +348,9 @@ def pseudo_inputs(s3, tmp_path_factory):
     classifier: the test is about where work runs and what gets written, not about mask quality."""
     import torch
 
-    from ingest.voc import import_voc
-    from ingest.world import make_world
-    from pseudo.classifier import PeakClassifier, save_classifier
+    from maskless.ingest.voc import import_voc
+    from maskless.ingest.world import make_world
+    from maskless.pseudo.classifier import PeakClassifier, save_classifier
 
     root = tmp_path_factory.mktemp("pseudo_inputs")
     make_world(str(root / "world"), classes=2, images=12, seed=5, size=64)
@@ -364,7 +364,7 @@ def pseudo_inputs(s3, tmp_path_factory):
 
 def test_pseudo_on_s3_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster, s3, pseudo_inputs):
     """Inputs, classifier and outputs all in the (moto) S3 bucket: the shared storage of a cluster."""
-    from pseudo.stage import PseudoConfig, run_pseudo
+    from maskless.pseudo.stage import PseudoConfig, run_pseudo
 
     cluster.ensure_workers(2)  # the crawl test left one: a new node joins, as the autoscaler's would
     data, classifier = pseudo_inputs
@@ -392,7 +392,7 @@ def test_gpu_stages_run_on_gpu_stage_nodes_or_where_resources_say(cluster, s3, p
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pseudo.stage import PseudoConfig, run_pseudo
+    from maskless.pseudo.stage import PseudoConfig, run_pseudo
 
     cluster.ensure_workers(2)
     tagged = cluster.cluster.add_node(num_cpus=2, resources={resources.GPU_STAGE: 1, "big_memory": 1})

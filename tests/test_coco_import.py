@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ingest import masks, shards
-from ingest.coco import import_coco
+from maskless.core import masks, shards
+from maskless.ingest.coco import import_coco
 
 
 def uncompressed_rle(m: np.ndarray) -> dict:

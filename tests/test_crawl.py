@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import shards, storage
-from ingest.crawl import CrawlConfig, crawl_unit, plan_units, run_crawl, _options
-from ingest.dedup import NearIndex, decide, hamming
-from ingest.engines import Unit
-from ingest.downloader import robots_opt_out
-from ingest.pacer import FORGET_AFTER, PaceBook, SharedPacer, start_pacer
-from ingest.robots import RobotsCache, RobotsStore, rules_from_fetch
-from ingest.safety import RefusedAddress, address_block, check_url
-from ingest.validator import Rejected, clean_image
+from maskless.core import shards, storage
+from maskless.ingest.crawl import CrawlConfig, crawl_unit, plan_units, run_crawl, _options
+from maskless.ingest.dedup import NearIndex, decide, hamming
+from maskless.ingest.engines import Unit
+from maskless.ingest.downloader import robots_opt_out
+from maskless.ingest.pacer import FORGET_AFTER, PaceBook, SharedPacer, start_pacer
+from maskless.ingest.robots import RobotsCache, RobotsStore, rules_from_fetch
+from maskless.ingest.safety import RefusedAddress, address_block, check_url
+from maskless.ingest.validator import Rejected, clean_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,7 +167,7 @@ def test_check_url_uses_resolved_addresses_without_connecting():
 
 def test_every_redirect_hop_is_checked_before_connecting(serve):
     import requests
-    from ingest.safety import SafeAdapter
+    from maskless.ingest.safety import SafeAdapter
 
     inner = serve({"/x.jpg": (200, {"Content-Type": "image/jpeg"}, b"x")})
     outer = serve({"/r": (302, {"Location": inner.url + "/x.jpg"}, b"")})
@@ -276,7 +276,7 @@ def test_clean_image_resizes_longest_side_and_flattens_alpha():
 def test_local_engine_serves_class_folders_in_bing_format(tmp_path):
     import requests
     from icrawler.builtin.bing import BingParser
-    from ingest.local_engine import LocalSearchServer
+    from maskless.ingest.local_engine import LocalSearchServer
 
     for label, n in (("cat", 3), ("dog", 25)):
         (tmp_path / label).mkdir()
@@ -451,7 +451,7 @@ def test_robots_txt_is_read_once_per_run_and_rerun(ray_local, serve, tmp_path):
 
 def test_pace_book_books_each_host_interval_after_interval(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("ingest.pacer.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("maskless.ingest.pacer.time.monotonic", lambda: now[0])
     book = PaceBook()
     assert [book.reserve("a", 0.5) for _ in range(3)] == [0.0, 0.5, 1.0]
     assert book.reserve("b", 2.0) == 0.0  # hosts are paced apart
@@ -599,7 +599,7 @@ def test_dedup_decision_is_stable_and_band_index_is_exact():
 
 KILLED_RUN = """
 import sys, ray
-from ingest.crawl import CrawlConfig, run_crawl
+from maskless.ingest.crawl import CrawlConfig, run_crawl
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
          configure_logging=False, _temp_dir=sys.argv[3])
 run_crawl(CrawlConfig(engine=["urls"], urls=sys.argv[1], out=sys.argv[2], allow_private=True, per_host_rps=0,

@@ -11,9 +11,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ingest import masks as ingest_masks
-from ingest.shards import Sample
-from train import metrics
+from maskless.core import masks as ingest_masks
+from maskless.core.shards import Sample
+from maskless.train import metrics
 
 CLASSES = ["cat", "dog", "cow", "bus"]  # "bus" never appears in the ground truth
 

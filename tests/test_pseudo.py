@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ingest import masks as rle
-from ingest import shards
-from pseudo.fidelity import FidelityAccumulator, FidelityConfig, image_size, run_fidelity
-from pseudo.peak_response import Peak, peak_response_maps
-from pseudo.proposals import CACHE_ENTRY, Proposals, SelectiveSearch, SuperpixelMerging, cached_or_compute
-from pseudo.retrieval import Candidate, PrmScorer, RetrievalOptions, contour, nms, response_mask, wise_select
-from pseudo.stage import PseudoConfig, run_pseudo
+from maskless.core import masks as rle
+from maskless.core import shards
+from maskless.pseudo.fidelity import FidelityAccumulator, FidelityConfig, image_size, run_fidelity
+from maskless.pseudo.peak_response import Peak, peak_response_maps
+from maskless.pseudo.proposals import CACHE_ENTRY, Proposals, SelectiveSearch, SuperpixelMerging, cached_or_compute
+from maskless.pseudo.retrieval import Candidate, PrmScorer, RetrievalOptions, contour, nms, response_mask, wise_select
+from maskless.pseudo.stage import PseudoConfig, run_pseudo
 
 
 class TinyCRM(nn.Module):
@@ -75,7 +75,7 @@ def test_prm_rule_differs_from_plain_gradient():
 def test_peak_backprop_conserves_relevance_and_keeps_forward(padding_mode):
     """PRM's rule redistributes a peak's unit relevance over the inputs in proportion to their positive
     contributions: through convolutions alone the input map sums to 1; forward values are unchanged."""
-    from pseudo.peak_response import peak_backprop
+    from maskless.pseudo.peak_response import peak_backprop
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode),
@@ -154,7 +154,7 @@ def test_response_mask_is_the_peaks_component_of_the_smoothed_map():
 
 
 def test_grabcut_grows_a_partial_mask_to_the_object_and_keeps_degenerate_masks():
-    from pseudo.refine import grabcut
+    from maskless.pseudo.refine import grabcut
 
     rng = np.random.default_rng(0)
     image = np.clip(rng.normal((40, 60, 200), 12, (64, 64, 3)), 0, 255).astype(np.uint8)  # noisy blue
@@ -235,7 +235,7 @@ def test_fidelity_equals_hand_computation():
 
 @pytest.fixture(scope="module")
 def classifier_file(world_shards, tmp_path_factory):
-    from pseudo.classifier import PeakClassifier, save_classifier
+    from maskless.pseudo.classifier import PeakClassifier, save_classifier
 
     torch.manual_seed(0)
     model = PeakClassifier(len(world_shards["classes"]), backbone="tiny").eval()
@@ -317,8 +317,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
 
 @pytest.mark.parametrize("classes_from", ["labels", "predicted"])
 def test_masker_instances_follow_the_class_choice(classes_from):
-    from pseudo.classifier import PeakClassifier
-    from pseudo.instances import MaskerOptions, PseudoMasker
+    from maskless.pseudo.classifier import PeakClassifier
+    from maskless.pseudo.instances import MaskerOptions, PseudoMasker
 
     torch.manual_seed(0)
     model = PeakClassifier(3, backbone="tiny").eval()

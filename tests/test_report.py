@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ingest import masks as ingest_masks
-from ingest import shards
-from train import evaluate, metrics, report
+from maskless.core import masks as ingest_masks
+from maskless.core import shards
+from maskless.train import evaluate, metrics, report
 
 
 def world_predictions(root: str, seed: int = 0) -> list[dict]:
@@ -111,7 +111,7 @@ def test_eval_runs_a_model(world_shards, tmp_path):
     """The --model path end to end with an untrained tiny export: predictions are written and scored."""
     import torch
 
-    from train.maskrcnn import build_model, build_options, save_model
+    from maskless.train.maskrcnn import build_model, build_options, save_model
 
     torch.manual_seed(0)
     opts = dict(arch="resnet18_fpn", min_size=96, max_size=96, trainable_backbone_layers=None, anchor_sizes=None,

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from ingest import masks, shards
-from ingest.voc import import_voc
+from maskless.core import masks, shards
+from maskless.ingest.voc import import_voc
 
 
 def test_voc_import_round_trips_instances_exactly(tiny_world, world_shards):
@@ -62,7 +62,7 @@ def test_killed_writer_leaves_no_shard_that_reads_complete(tmp_path):
     root = str(tmp_path / "ds")
     script = textwrap.dedent(f"""
         import os, signal
-        from ingest import shards
+        from maskless.core import shards
         w = shards.ShardWriter({root!r}, "part-000000")
         for i in range(50):
             w.write(shards.Sample(key=f"k{{i}}", jpg=os.urandom(20000), meta={{"labels": ["a"]}}))
@@ -74,7 +74,7 @@ def test_killed_writer_leaves_no_shard_that_reads_complete(tmp_path):
     assert any(n.endswith(".tmp") for n in os.listdir(root))  # the half-written tar is hidden
     assert list(shards.read_dataset(root)) == []
     # a rerun cleans the leftovers and writes the shard whole
-    from ingest import storage
+    from maskless.core import storage
     assert storage.remove_stale_temps(root) == 1
     shards.write_shards([_sample(f"k{i}") for i in range(3)], root, "part")
     assert [s.key for s in shards.read_dataset(root)] == ["k0", "k1", "k2"]
@@ -133,7 +133,7 @@ def test_voc_import_of_an_id_list_takes_labels_from_xml_for_unsegmented_images(t
 
 
 def test_run_folder_is_continued_by_the_same_run_and_refused_to_another(tmp_path):
-    from ingest.run_folder import claim_run_folder
+    from maskless.core.run_folder import claim_run_folder
 
     path = str(tmp_path / "run" / "run.json")
     claim_run_folder(path, "train", {"arch": "a", "lr": 0.1}, ("arch",), ["x"])

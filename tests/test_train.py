@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ingest import masks, shards, storage
-from train.dataset import ShardDataset, build_index, rank_batches, steps_per_epoch
-from train.maskrcnn import build_model, load_model
-from train.metrics import GroundTruth, evaluate
-from train.predict import PredictConfig, predict_dataset, run_predict
-from ingest.run_folder import read_metrics
-from train.trainer import STOP_FILE, TrainConfig, _StopOnSignal, learning_rate, run_train
+from maskless.core import masks, shards, storage
+from maskless.train.dataset import ShardDataset, build_index, rank_batches, steps_per_epoch
+from maskless.train.maskrcnn import build_model, load_model
+from maskless.train.metrics import GroundTruth, evaluate
+from maskless.train.predict import PredictConfig, predict_dataset, run_predict
+from maskless.core.run_folder import read_metrics
+from maskless.train.trainer import STOP_FILE, TrainConfig, _StopOnSignal, learning_rate, run_train
 
 # ResNet-18 FPN at 96 px with few proposals and RoIs: about a second a step on this machine's CPU.
 TINY = dict(arch="resnet18_fpn", weights="none", min_size=96, max_size=96, anchor_sizes=[16, 32, 64, 128, 256],

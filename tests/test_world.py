@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from ingest.world import VOID, make_world, voc_palette
+from maskless.ingest.world import VOID, make_world, voc_palette
 
 
 def _ids(root, split):

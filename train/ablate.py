@@ -16,9 +16,9 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from ingest import masks as ingest_masks
-from ingest import shards, storage
-from train import metrics
+from maskless.core import masks as ingest_masks
+from maskless.core import shards, storage
+from maskless.train import metrics
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,8 @@ def fidelity(root: str) -> dict:
 
 def _train_and_evaluate(cfg: AblateConfig, data: str, val: str, name: str) -> dict:
     """Train on one level's pseudo masks and score on the untouched val split (thin by design)."""
-    from train.evaluate import EvalConfig, run_eval
-    from train.trainer import TrainConfig, run_train
+    from maskless.train.evaluate import EvalConfig, run_eval
+    from maskless.train.trainer import TrainConfig, run_train
 
     tcfg = TrainConfig(**{**cfg.train, "data": data, "out": storage.join(cfg.out, "runs", name), "masks": "pseudo",
                           "seed": cfg.train.get("seed", cfg.seed)})
@@ -235,11 +235,11 @@ def _train_and_evaluate(cfg: AblateConfig, data: str, val: str, name: str) -> di
 
 def prepare_data(cfg: AblateConfig) -> tuple[str, str]:
     """Train and val shards with ground truth: from cfg.gt (VOC folder) or a world made in OUT/world."""
-    from ingest.voc import import_voc
+    from maskless.ingest.voc import import_voc
 
     root = cfg.gt
     if root is None:
-        from ingest.world import make_world
+        from maskless.ingest.world import make_world
 
         root = storage.join(cfg.out, "world")
         if not storage.exists(storage.join(root, "world.json")):

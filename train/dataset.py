@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 
-from ingest import masks as rle
-from ingest import shards, storage
+from maskless.core import masks as rle
+from maskless.core import shards, storage
 
 MASK_SOURCES = ("pseudo", "gt")
 

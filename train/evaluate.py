@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ingest import shards, storage
-from train import metrics, report
+from maskless.core import shards, storage
+from maskless.train import metrics, report
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def load_ground_truth(gt: str, split: str, workdir: str) -> metrics.GroundTruth:
     if is_shard_dataset(gt):
         return metrics.GroundTruth.from_shards(gt)
     if "://" not in gt and os.path.isdir(gt):
-        from ingest.voc import import_voc
+        from maskless.ingest.voc import import_voc
 
         import_voc(gt, workdir, split=split)
         return metrics.GroundTruth.from_shards(workdir)
@@ -82,8 +82,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         log.info("ground truth: %d images, %d instances, %d classes", len(gt.keys), gt.n_instances, len(gt.classes))
         meta = {"gt": cfg.gt, "split": cfg.split if not is_shard_dataset(cfg.gt) else None}
         if cfg.model is not None:
-            from train.maskrcnn import load_model
-            from train.predict import predict_dataset
+            from maskless.train.maskrcnn import load_model
+            from maskless.train.predict import predict_dataset
 
             model, classes, _ = load_model(cfg.model)
             t0 = time.perf_counter()

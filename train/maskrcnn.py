@@ -19,7 +19,7 @@ from torchvision.models.detection.backbone_utils import mobilenet_backbone, resn
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ingest import storage
+from maskless.core import storage
 
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_fpn")
 EXPORT_FORMAT = "maskless-maskrcnn"

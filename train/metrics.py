@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ingest import shards, storage
+from maskless.core import shards, storage
 
 PROTOCOLS = ("voc", "coco101")
 DEFAULT_THRESHOLDS = (0.25, 0.5, 0.75)

@@ -15,9 +15,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from tqdm import tqdm
 
-from ingest import masks as rle
-from ingest import shards, storage
-from train.maskrcnn import load_model
+from maskless.core import masks as rle
+from maskless.core import shards, storage
+from maskless.train.maskrcnn import load_model
 
 log = logging.getLogger(__name__)
 

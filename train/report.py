@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ingest import masks as ingest_masks
-from ingest import shards, storage
-from train.metrics import Evaluation, GroundTruth, Predictions
+from maskless.core import masks as ingest_masks
+from maskless.core import shards, storage
+from maskless.train.metrics import Evaluation, GroundTruth, Predictions
 
 log = logging.getLogger(__name__)
 

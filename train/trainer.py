@@ -24,12 +24,12 @@ from typing import Any, Optional
 import torch
 from ray.train import UserCallback
 
-from ingest import storage
-from ingest.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
+from maskless.core import storage
+from maskless.core.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
                                read_metrics)
-from ingest.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
-from train.dataset import MASK_SOURCES, ShardDataset, build_index, collate, rank_batches, steps_per_epoch
-from train.maskrcnn import ARCHS, build_model, build_options, resolve_norm, save_model, weights_file
+from maskless.core.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
+from maskless.train.dataset import MASK_SOURCES, ShardDataset, build_index, collate, rank_batches, steps_per_epoch
+from maskless.train.maskrcnn import ARCHS, build_model, build_options, resolve_norm, save_model, weights_file
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ wds_gopen = importlib.import_module("webdataset.gopen")  # the package re-export
 from PIL import Image
 from tqdm import tqdm
 
-from ingest import storage
+from maskless.core import storage
 
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"

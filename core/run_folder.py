@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from ingest import storage
+from maskless.core import storage
 
 RAY_RUN_NAME = "ray"          # Ray Train's experiment folder (checkpoints)
 STATE_FILE = "state.pt"       # inside each checkpoint
