@@ -25,7 +25,7 @@ from maskless.ingest.voc import import_voc
 from maskless.ingest.world import make_world
 from maskless.pseudo.classifier import load_classifier
 from bench.common import write_result
-from maskless.core.resources import RAY_TRAIN_ENV
+from maskless.ray_runtime import init_ray
 from maskless.pseudo.classify import ClassifyConfig, eval_transform, run_classify
 from maskless.pseudo.peak_stimulation import find_peaks
 
@@ -84,9 +84,6 @@ def main() -> None:
 
     import ray
 
-    for k, v in RAY_TRAIN_ENV.items():
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     world = os.path.join(args.out, "world")
     info = make_world(world, classes=args.classes, images=args.images, seed=args.seed, size=args.size)
     data = {split: os.path.join(args.out, "shards", split) for split in ("train", "val")}
@@ -94,8 +91,7 @@ def main() -> None:
         if not shards.list_shards(root):
             import_voc(world, root, split=split, shard_size=100)
     run = os.path.join(args.out, f"run-{args.backbone}-{args.image_size}-{args.peak_backward}-e{args.epochs}")
-    ray.init(address="local", num_cpus=max(2, int(args.workers * args.cpus_per_worker)), include_dashboard=False,
-             log_to_driver=False, logging_level="ERROR")
+    init_ray(num_cpus=max(2, int(args.workers * args.cpus_per_worker)))
     t0 = time.time()
     try:
         summary = run_classify(ClassifyConfig(

@@ -87,11 +87,11 @@ def run_ours(csv_path: str, out: str, args) -> dict:
     import ray
 
     from maskless.ingest.crawl import CrawlConfig, run_crawl
+    from maskless.ray_runtime import init_ray
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    ray.init(address="local", num_cpus=args.processes, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             configure_logging=False)
+    init_ray(num_cpus=args.processes)
     t_ray = time.time()
     cfg = CrawlConfig(engine=["urls"], urls=csv_path, out=out, allow_private=True, image_size=args.image_size,
                       jpeg_quality=90, shard_size=args.shard_size, threads=args.threads, workers=args.processes,

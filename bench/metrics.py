@@ -29,7 +29,7 @@ from pycocotools.cocoeval import COCOeval
 from bench.common import write_result
 from maskless.core import masks as ingest_masks
 from maskless.core.shards import Sample
-from maskless.train import metrics
+from maskless.core import metrics
 
 CLASSES = [f"class{i:02d}" for i in range(20)]
 THRESHOLDS = [0.25, 0.5, 0.75]

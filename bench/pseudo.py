@@ -101,18 +101,17 @@ def _oracle(samples: list[shards.Sample], proposals: list, considered_only: bool
     for s, p in zip(samples, proposals):
         index = considered(p, RetrievalOptions()) if considered_only else np.arange(len(p))
         n_props += len(index)
-        cand = p.masks(index)
-        for g in s.gt["instances"]:
-            m = rle.decode(g["mask"])
-            inter = (cand & m).sum(axis=(1, 2))
-            union = (cand | m).sum(axis=(1, 2))
-            best.append(float((inter / np.maximum(union, 1)).max()) if len(index) else 0.0)
+        cand = [rle.encode(m) for m in p.masks(index)]
+        gts = [g["mask"] for g in s.gt["instances"]]
+        best += rle.iou_matrix(cand, gts).max(axis=0).tolist() if cand else [0.0] * len(gts)
     return {"abo": float(np.mean(best)), "precision": None, "recall": float(np.mean(np.asarray(best) >= 0.5)),
             "miou": None, "pseudo_instances": n_props, "gt_instances": len(best)}
 
 
 def throughput(run: str, samples: list[shards.Sample], out: str, shard_size: int, cfg_kw: dict) -> dict:
     import ray
+
+    from maskless.ray_runtime import init_ray
 
     data = os.path.join(out, "throughput-data")
     if not shards.list_shards(data):
@@ -123,7 +122,7 @@ def throughput(run: str, samples: list[shards.Sample], out: str, shard_size: int
         dest = os.path.join(out, f"throughput-{actors}")
         for name in shards.shard_names(dest):
             shards.delete_shard(dest, name)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        init_ray(num_cpus=4)
         try:
             t = time.time()
             summary = run_pseudo(PseudoConfig(classifier=run, data=data, out=dest, actors=actors, **cfg_kw))
@@ -144,17 +143,15 @@ def train_classifier(out: str, images: int) -> tuple[str, str]:
 
     from maskless.ingest.voc import import_voc
     from maskless.ingest.world import make_world
-    from maskless.core.resources import RAY_TRAIN_ENV
     from maskless.pseudo.classify import ClassifyConfig, run_classify
+    from maskless.ray_runtime import init_ray
 
-    for k, v in RAY_TRAIN_ENV.items():
-        os.environ.setdefault(k, v)
     world, data = os.path.join(out, "world"), os.path.join(out, "train")
     make_world(world, classes=3, images=images, seed=0, size=128)
     if not shards.list_shards(data):
         import_voc(world, data, split="train", shard_size=100)
     run = os.path.join(out, "classifier")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    init_ray(num_cpus=2)
     try:
         run_classify(ClassifyConfig(data=data, out=run, backbone="tiny", backbone_weights="none", epochs=40,
                                     lr=0.01, image_size=128, cpus_per_worker=2.0))
@@ -177,7 +174,6 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench-pseudo")
     ap.add_argument("--json", default=None, help="write the result here (default OUT/bench.json)")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     run, data = args.classifier, args.data

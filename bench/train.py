@@ -34,7 +34,7 @@ from maskless.ingest.voc import import_voc
 from maskless.ingest.world import make_world
 from maskless.train.dataset import ShardDataset, build_index, collate, rank_batches, steps_per_epoch
 from maskless.train.maskrcnn import build_model
-from maskless.core.resources import RAY_TRAIN_ENV
+from maskless.ray_runtime import init_ray
 from maskless.core.run_folder import read_metrics
 from maskless.train.trainer import TrainConfig, learning_rate, run_train
 
@@ -94,8 +94,6 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the result here")
     args = ap.parse_args()
-    for k, v in {**RAY_TRAIN_ENV, "RAY_AUTH_MODE": "disabled"}.items():
-        os.environ.setdefault(k, v)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         run(args, args.out or tmp)
 
@@ -115,8 +113,7 @@ def run(args: argparse.Namespace, work: str) -> None:
                        cpus_per_worker=args.threads)
 
     plain = steady(plain_loop(base, args.steps, args.log_every))
-    ray.init(address="local", num_cpus=max(4, 2 * args.threads), include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", configure_logging=False)
+    init_ray(num_cpus=max(4, 2 * args.threads))
     one = steady(maskless_speeds(dataclasses.replace(base, out=os.path.join(work, "w1"), workers=1)))
     two = steady(maskless_speeds(dataclasses.replace(base, out=os.path.join(work, "w2"), workers=2)))
     ray.shutdown()

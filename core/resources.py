@@ -12,9 +12,17 @@ from __future__ import annotations
 CRAWL = "crawl"          # tag of the CPU worker type: crawl tasks
 GPU_STAGE = "gpu_stage"  # tag of the GPU worker type: pseudo-mask actors, classifier and Mask R-CNN workers
 ROUTE_SHARE = 0.001      # share of a tag one task asks for: at most 1,000 per node, CPUs/GPUs bind first
-# Lower Ray Train's fixed cost per fit (NOTES-2-cores.md: ~16 s -> ~12.5 s). Ray Train reads them from the
-# driver's environment and forwards them to its controller and workers.
+# Lower Ray Train's fixed cost per fit (measured on the 2-core machine: ~16 s -> ~12.5 s). Ray Train reads
+# them from the driver's environment and forwards them to its controller and workers.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def use_ray_train_env() -> None:
+    """Put RAY_TRAIN_ENV into this (the driver's) environment, where the user has not set them."""
+    import os
+
+    for key, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def cluster_resources() -> dict[str, float]:

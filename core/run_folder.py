@@ -5,6 +5,7 @@ different settings is refused before anything in the folder is overwritten."""
 from __future__ import annotations
 
 import json
+import math
 
 from maskless.core import storage
 
@@ -30,6 +31,20 @@ def claim_run_folder(path: str, stage: str, config: dict, identity: tuple[str, .
                              f"rerun with the same settings to continue it, or use a new --out")
         return
     storage.write_json_atomic(path, {"config": config, "classes": classes})
+
+
+def json_safe(record: dict) -> dict:
+    """NaN values (an AP of a class without held-out positives) as null, so the files are strict JSON."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def append_metrics(out: str, record: dict, position: str) -> None:
+    """Add one record to OUT/metrics.jsonl (rewritten atomically). Records at or after its `position`
+    (its epoch or step) come from an attempt that died after its last checkpoint and is being redone:
+    they are dropped, so the file holds each position once, in order."""
+    kept = [r for r in read_metrics(out) if r.get(position, -1) < record[position]]
+    lines = [json.dumps(r) for r in kept + [json_safe(record)]]
+    storage.write_bytes_atomic(storage.join(out, METRICS_FILE), ("\n".join(lines) + "\n").encode())
 
 
 def read_metrics(out: str) -> list[dict]:

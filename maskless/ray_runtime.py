@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from maskless.core.resources import RAY_TRAIN_ENV
+from maskless.core.resources import use_ray_train_env
 
 log = logging.getLogger(__name__)
 
@@ -13,7 +13,6 @@ log = logging.getLogger(__name__)
 QUIET_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_DEDUP_LOGS": "1",
-    **RAY_TRAIN_ENV,
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DATA_LOG_LEVEL": "ERROR",  # Ray Data's per-dataset INFO lines and its "progress bars disabled" warning
 }
@@ -28,8 +27,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     Data's read tasks, and the job hangs (measured, see docs/ARCHITECTURE.md)."""
     import ray
 
+    use_ray_train_env()
     for key, value in QUIET_ENV.items():
-        if not verbose or key.startswith("RAY_TRAIN") or key == "RAY_AUTH_MODE":
+        if not verbose or key == "RAY_AUTH_MODE":
             os.environ.setdefault(key, value)
     if ray.is_initialized():
         return

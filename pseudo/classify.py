@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -26,9 +25,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 from maskless.core import shards, storage
-from maskless.core.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
-                               read_metrics)
-from maskless.core.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
+from maskless.core.run_folder import (RUN_FILE, STATE_FILE, SUMMARY_FILE, append_metrics, claim_run_folder, json_safe,
+                                     ray_run_config, read_metrics)
+from maskless.core.resources import check_resources, has_gpus, train_scaling, use_ray_train_env
 from maskless.pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, save_classifier)
 from maskless.pseudo.peak_stimulation import BACKWARD_MODES
@@ -278,20 +277,6 @@ def evaluate(model: PeakClassifier, loader, classes: list[str], device) -> dict[
     return out
 
 
-def _json_safe(record: dict) -> dict:
-    """NaN (AP of a class without held-out positives) as null, so the files are strict JSON."""
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
-
-
-def _append_metrics(out: str, record: dict, start_epoch: int) -> None:
-    """Rewrite metrics.jsonl atomically with the new record, dropping records of epochs being redone."""
-    path = storage.join(out, METRICS_FILE)
-    lines = storage.read_bytes(path).decode().splitlines() if storage.exists(path) else []
-    kept = [l for l in lines if l.strip() and json.loads(l).get("epoch", -1) < start_epoch]
-    kept.append(json.dumps(_json_safe(record)))
-    storage.write_bytes_atomic(path, ("\n".join(kept) + "\n").encode())
-
-
 def _optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
     scale = lc["backbone_lr_scale"]
     if scale is None:
@@ -370,7 +355,7 @@ def train_loop(lc: dict) -> None:
             result = evaluate(net, DataLoader(val, batch_size=lc["batch_size"]), classes, device)
             metrics.update({k: v for k, v in result.items() if k != "ap"})
             metrics.update({f"ap/{c}": v for c, v in result.get("ap", {}).items()})
-            _append_metrics(lc["out"], {**metrics, "time": time.time()}, epoch)
+            append_metrics(lc["out"], {**metrics, "time": time.time()}, "epoch")
             with tempfile.TemporaryDirectory() as d:
                 ckpt = checkpoint_dict(net, classes, lc["run_config"])
                 ckpt.update(epoch=epoch + 1, optimizer=optimizer.state_dict())
@@ -389,7 +374,6 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     """Train (or continue training) the classifier; writes OUT/classifier.pt, metrics.jsonl, summary.json.
 
     Assumes Ray is initialized by the caller."""
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     cfg.validate()
@@ -409,8 +393,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
                                 f"file, 'imagenet', or 'none' to train from scratch")
     storage.makedirs(cfg.out)
     _check_run_folder(cfg, classes)
-    for k, v in RAY_TRAIN_ENV.items():
-        os.environ.setdefault(k, v)
+    use_ray_train_env()
 
     use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     run_config = dataclasses.asdict(cfg)
@@ -437,7 +420,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
         "stage": "classify", "out": cfg.out, "classifier": export, "classes": classes,
         "epochs_done": state["epoch"], "train": train_counts, "held_out": val_counts,
         "device": "gpu" if use_gpu else "cpu", "workers": cfg.workers, "fit_time_s": round(time.time() - t0, 2),
-        "final": _json_safe({k: v for k, v in last.items() if k != "time"}),
+        "final": json_safe({k: v for k, v in last.items() if k != "time"}),
         "checkpoint": result.checkpoint.path, "config": run_config,
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable
-
 import numpy as np
 
 from maskless.core import masks as rle
-from maskless.core import shards, storage
+from maskless.core import metrics, shards, storage
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +43,15 @@ class FidelityConfig:
 
 class FidelityAccumulator:
     """Adds images one at a time; `result()` gives the metrics. Kept apart from the files so the
-    benchmark can score in-process pseudo masks the same way."""
+    benchmark can score in-process pseudo masks the same way. The instance figures come from the
+    benchmark's own metrics (maskless.core.metrics: ABO and the VOC matching rule); the semantic IoU
+    is accumulated here, image by image."""
 
     def __init__(self, classes: list[str], iou: float = 0.5):
         self.classes, self.iou = list(classes), iou
-        self.best_same: dict[str, list[float]] = {c: [] for c in classes}
-        self.best_any: dict[str, list[float]] = {c: [] for c in classes}
-        self.tp = dict.fromkeys(classes, 0)
+        self._gt: list[tuple[str, tuple[int, int], dict]] = []
+        self._pseudo: list[dict] = []  # COCO results
         self.n_pseudo = dict.fromkeys(classes, 0)
-        self.n_gt = dict.fromkeys(classes, 0)
         self.inter = np.zeros(len(classes) + 1)
         self.union = np.zeros(len(classes) + 1)
         self.images = 0
@@ -62,30 +60,17 @@ class FidelityAccumulator:
         if name not in self.classes:
             raise ValueError(f"class {name!r} is not one of the dataset's classes {self.classes}")
 
-    def add(self, gt: dict, pseudo: dict, size: tuple[int, int]) -> None:
+    def add(self, gt: dict, pseudo: dict, size: tuple[int, int], key: str | None = None) -> None:
         """One image of (height, width) `size`: gt = gt.json, pseudo = pseudo.json (FORMAT.md)."""
-        g, p = gt["instances"], sorted(pseudo["instances"], key=lambda i: -i["score"])
+        g, p = gt["instances"], pseudo["instances"]
         for inst in g + p:
             self._check(inst["class"])
-        ious = rle.iou_matrix([i["mask"] for i in p], [i["mask"] for i in g])
-        for j, inst in enumerate(g):
-            c = inst["class"]
-            self.n_gt[c] += 1
-            col = ious[:, j] if len(p) else np.zeros(0)
-            same = [ious[i, j] for i in range(len(p)) if p[i]["class"] == c]
-            self.best_same[c].append(float(max(same, default=0.0)))
-            self.best_any[c].append(float(col.max()) if col.size else 0.0)
-        taken = set()
-        for i, inst in enumerate(p):
-            c = inst["class"]
-            self.n_pseudo[c] += 1
-            cand = [j for j in range(len(g)) if g[j]["class"] == c]
-            if not cand:
-                continue
-            j = max(cand, key=lambda j: ious[i, j])
-            if ious[i, j] >= self.iou and j not in taken:
-                taken.add(j)
-                self.tp[c] += 1
+        key = key or f"image_{self.images}"
+        self._gt.append((key, size, gt))
+        for inst in p:
+            self.n_pseudo[inst["class"]] += 1
+            self._pseudo.append({"image_id": key, "category": inst["class"], "segmentation": inst["mask"],
+                                 "score": float(inst.get("score", 1.0))})
         self._semantic(gt, g, p, size)
         self.images += 1
 
@@ -108,27 +93,28 @@ class FidelityAccumulator:
         return out
 
     def result(self) -> dict:
-        def mean(v: list[float]) -> float | None:
-            return float(np.mean(v)) if v else None
-
         def ratio(a: int, b: int) -> float | None:
             return a / b if b else None
 
+        gt = metrics.GroundTruth.from_annotations(self._gt, self.classes)
+        ev = metrics.evaluate(gt, self._pseudo, protocols=("voc",), thresholds=[self.iou])
+        tp = dict(zip(self.classes, ev.protocols["voc"].true_positives[0].tolist()))
+        n_gt = dict(zip(self.classes, ev.n_gt.tolist()))
+        same, any_class = ev.abo("same_class"), ev.abo("any_class")
         per_class = {}
         for k, c in enumerate(self.classes, start=1):
             per_class[c] = {
-                "gt_instances": self.n_gt[c], "pseudo_instances": self.n_pseudo[c], "true_positives": self.tp[c],
-                "abo_same_class": mean(self.best_same[c]), "abo_any_class": mean(self.best_any[c]),
-                "precision": ratio(self.tp[c], self.n_pseudo[c]), "recall": ratio(self.tp[c], self.n_gt[c]),
+                "gt_instances": n_gt[c], "pseudo_instances": self.n_pseudo[c], "true_positives": tp[c],
+                "abo_same_class": same["per_class"][c], "abo_any_class": any_class["per_class"][c],
+                "precision": ratio(tp[c], self.n_pseudo[c]), "recall": ratio(tp[c], n_gt[c]),
                 "iou": ratio(self.inter[k], self.union[k]),
             }
-        tp, n_p, n_g = sum(self.tp.values()), sum(self.n_pseudo.values()), sum(self.n_gt.values())
+        n_tp, n_p, n_g = sum(tp.values()), sum(self.n_pseudo.values()), sum(n_gt.values())
         ious = [self.inter[k] / self.union[k] for k in range(len(self.classes) + 1) if self.union[k]]
         return {
             "images": self.images, "gt_instances": n_g, "pseudo_instances": n_p, "iou_threshold": self.iou,
-            "abo_same_class": mean(sum(self.best_same.values(), [])),
-            "abo_any_class": mean(sum(self.best_any.values(), [])),
-            "precision": ratio(tp, n_p), "recall": ratio(tp, n_g),
+            "abo_same_class": same["mean_over_instances"], "abo_any_class": any_class["mean_over_instances"],
+            "precision": ratio(n_tp, n_p), "recall": ratio(n_tp, n_g),
             "miou": float(np.mean(ious)) if ious else None,
             "background_iou": ratio(self.inter[0], self.union[0]),
             "per_class": per_class,
@@ -141,13 +127,6 @@ def image_size(s: shards.Sample) -> tuple[int, int]:
         return int(s.meta["height"]), int(s.meta["width"])
     w, h = s.image().size
     return h, w
-
-
-def fidelity(samples: Iterable[shards.Sample], classes: list[str], iou: float = 0.5) -> dict:
-    acc = FidelityAccumulator(classes, iou)
-    for s in samples:
-        acc.add(s.gt, s.pseudo, image_size(s))
-    return acc.result()
 
 
 def _fmt(v: float | None) -> str:
@@ -217,7 +196,7 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
         if s.gt is None:
             no_gt += 1
             continue
-        acc.add(s.gt, s.pseudo, image_size(s))
+        acc.add(s.gt, s.pseudo, image_size(s), s.key)
         if len(grid) < cfg.grid_images:
             grid.append(s)
     if acc.images == 0:

@@ -133,27 +133,26 @@ def response_mask(response: np.ndarray, point: tuple[int, int], blur: float, thr
     return labels == labels[y, x] if keep[y, x] else np.zeros(r.shape, bool)
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def nms(candidates: list[Candidate], opts: RetrievalOptions) -> list[Candidate]:
     """Greedy NMS in score order at opts.nms_iou (per class unless class_agnostic_nms); a suppressed
     candidate's response map is added to the one that suppressed it (PRM)."""
-    todo = sorted(candidates, key=lambda c: -c.score)
+    todo = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)
+    encoded = [rle.encode(c.mask) for c in candidates]
+    iou = rle.iou_matrix(encoded, encoded)
     kept: list[Candidate] = []
     while todo:
-        head = todo.pop(0)
+        i = todo.pop(0)
+        head = candidates[i]
         head = Candidate(head.cls, head.score, head.mask, head.peak, head.response.copy())
         rest = []
-        for c in todo:
+        for j in todo:
+            c = candidates[j]
             same = opts.class_agnostic_nms or c.cls == head.cls
-            if same and mask_iou(head.mask, c.mask) >= opts.nms_iou:
+            if same and iou[i, j] >= opts.nms_iou:
                 if opts.merge_responses:
                     head.response += c.response
             else:
-                rest.append(c)
+                rest.append(j)
         todo = rest
         kept.append(head)
     return kept

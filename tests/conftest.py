@@ -3,10 +3,10 @@ import os
 
 import pytest
 
+from maskless.core.resources import use_ray_train_env
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+use_ray_train_env()  # before any test starts a Ray of its own, as the CLI does
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +15,9 @@ def ray_local(tmp_path_factory):
     otherwise starve Ray Data's read tasks), no dashboard, quiet logs."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
+    from maskless.ray_runtime import init_ray
+
+    init_ray(num_cpus=4, temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
 

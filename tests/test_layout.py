@@ -15,7 +15,7 @@ def test_no_top_level_stage_package_is_importable(tmp_path):
             "print(json.dumps([n for n in ('ingest', 'pseudo', 'train', 'core') if u.find_spec(n)]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
-    out = subprocess.run([sys.executable, "-c", "import maskless.ingest.crawl, maskless.train.metrics, "
+    out = subprocess.run([sys.executable, "-c", "import maskless.ingest.crawl, maskless.core.metrics, "
                           "maskless.core.shards as s; print(s.__file__)"],
                          cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == os.path.join(REPO, "core", "shards.py")

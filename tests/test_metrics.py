@@ -13,7 +13,7 @@ from pycocotools.cocoeval import COCOeval
 
 from maskless.core import masks as ingest_masks
 from maskless.core.shards import Sample
-from maskless.train import metrics
+from maskless.core import metrics
 
 CLASSES = ["cat", "dog", "cow", "bus"]  # "bus" never appears in the ground truth
 

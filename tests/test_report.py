@@ -8,7 +8,8 @@ import pytest
 
 from maskless.core import masks as ingest_masks
 from maskless.core import shards
-from maskless.train import evaluate, metrics, report
+from maskless.core import metrics
+from maskless.train import evaluate, report
 
 
 def world_predictions(root: str, seed: int = 0) -> list[dict]:

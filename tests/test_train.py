@@ -15,7 +15,7 @@ from PIL import Image
 from maskless.core import masks, shards, storage
 from maskless.train.dataset import ShardDataset, build_index, rank_batches, steps_per_epoch
 from maskless.train.maskrcnn import build_model, load_model
-from maskless.train.metrics import GroundTruth, evaluate
+from maskless.core.metrics import GroundTruth, evaluate
 from maskless.train.predict import PredictConfig, predict_dataset, run_predict
 from maskless.core.run_folder import read_metrics
 from maskless.train.trainer import STOP_FILE, TrainConfig, _StopOnSignal, learning_rate, run_train

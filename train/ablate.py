@@ -18,7 +18,7 @@ import numpy as np
 
 from maskless.core import masks as ingest_masks
 from maskless.core import shards, storage
-from maskless.train import metrics
+from maskless.core import metrics
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from maskless.core import shards, storage
-from maskless.train import metrics, report
+from maskless.core import metrics
+from maskless.train import report
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from maskless.core import masks as ingest_masks
 from maskless.core import shards, storage
-from maskless.train.metrics import Evaluation, GroundTruth, Predictions
+from maskless.core.metrics import Evaluation, GroundTruth, Predictions
 
 log = logging.getLogger(__name__)
 

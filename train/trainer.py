@@ -9,7 +9,6 @@ SIGTERM on the driver, or a file RUN/STOP, makes every worker checkpoint at the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -22,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-from ray.train import UserCallback
 
 from maskless.core import storage
-from maskless.core.run_folder import (METRICS_FILE, RUN_FILE, STATE_FILE, SUMMARY_FILE, claim_run_folder, ray_run_config,
-                               read_metrics)
-from maskless.core.resources import RAY_TRAIN_ENV, check_resources, has_gpus, train_scaling
+from maskless.core.run_folder import (RUN_FILE, STATE_FILE, SUMMARY_FILE, append_metrics, claim_run_folder,
+                                     ray_run_config, read_metrics)
+from maskless.core.resources import check_resources, has_gpus, train_scaling, use_ray_train_env
 from maskless.train.dataset import MASK_SOURCES, ShardDataset, build_index, collate, rank_batches, steps_per_epoch
 from maskless.train.maskrcnn import ARCHS, build_model, build_options, resolve_norm, save_model, weights_file
 
@@ -158,8 +156,81 @@ def learning_rate(cfg: TrainConfig, step: int, epoch: int, steps_per_epoch: int)
     return lr
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+class Training:
+    """One worker's model, optimizer, gradient scaler and step count: what a checkpoint holds, and one
+    optimisation step. No Ray here, so a bare GPU machine runs the same step (bench/gpu.py)."""
+
+    def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.amp = device.type == "cuda" and cfg.amp
+        self.model = build_model(classes, weights=cfg.weights, **cfg.model_options())
+        if cfg.scale_jitter:
+            # torchvision's transform draws a training size per batch from min_size and evaluates at min_size[-1]
+            self.model.transform.min_size = tuple(round(cfg.min_size * s) for s in cfg.scale_jitter) + (cfg.min_size,)
+        self.model.to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=cfg.total_lr(), momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.step = 0
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The model itself, also when DDP wraps it."""
+        return getattr(self.model, "module", self.model)
+
+    def state(self, epoch: int, done: bool) -> dict:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": epoch, "done": done}
+
+    def load(self, state: dict) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+
+    def train_step(self, images: list[torch.Tensor], targets: list[dict], lr: float) -> torch.Tensor:
+        """One SGD step at learning rate lr; returns the detached losses in LOSSES order."""
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with torch.autocast(self.device.type, enabled=self.amp):
+            losses = self.model(images, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(sum(losses.values())).backward()
+        if self.cfg.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return torch.stack([losses[k].detach().float() for k in LOSSES])
+
+
+def interval_metrics(loss_sums: torch.Tensor, steps: int, step: int, epoch: int, lr: float, seconds: float,
+                     batch_size: int, world: int) -> dict[str, Any]:
+    """The report of the steps since the last one; a non-finite mean loss stops the run with advice."""
+    values = (loss_sums / steps).tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError(f"loss is not finite at step {step} (lr {lr:.3g}): "
+                                 f"lower --lr, set --clip-grad-norm, or raise --warmup-iters")
+    return {"step": step, "epoch": epoch, "lr": lr, "loss": sum(values), **dict(zip(LOSSES, values)),
+            "images_per_s": steps * batch_size * world / seconds,
+            "images_per_s_per_worker": steps * batch_size / seconds, "workers": world}
+
+
+def _report(training: Training, metrics: dict, epoch: int, done: bool, rank: int, with_checkpoint: bool) -> None:
+    """ray.train.report every rank must call; rank 0 attaches the checkpoint when one is due."""
+    import ray.train
+
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            torch.save(training.state(epoch, done), os.path.join(d, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
 def train_loop(lc: dict) -> None:
@@ -173,85 +244,39 @@ def train_loop(lc: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    if not cuda:
+    if device.type != "cuda":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-
-    model = build_model(classes, weights=cfg.weights, **cfg.model_options())
-    if cfg.scale_jitter:
-        # torchvision's transform draws a training size per batch from min_size and evaluates at min_size[-1]
-        model.transform.min_size = tuple(round(cfg.min_size * s) for s in cfg.scale_jitter) + (cfg.min_size,)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.total_lr(), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp)
-    step = 0
+    training = Training(cfg, classes, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-    model = ray.train.torch.prepare_model(model)
+            training.load(torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True))
+    training.model = ray.train.torch.prepare_model(training.model)
     total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * spe)
     dataset = ShardDataset(entries, classes, cfg.score_threshold)
-
-    def save_and_report(metrics: dict, epoch: int, with_checkpoint: bool) -> None:
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "done": step >= total},
-                           os.path.join(d, STATE_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-
     stop_file = storage.join(cfg.out, STOP_FILE)
     saved_for_preemption = False
-    model.train()
-    while step < total:
-        epoch, start = divmod(step, spe)
+    training.model.train()
+    while training.step < total:
+        epoch, start = divmod(training.step, spe)
         batches = rank_batches(entries, cfg.batch_size, rank, world, epoch, cfg.seed, cfg.hflip)[start:]
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                             num_workers=cfg.loader_workers, pin_memory=cuda)
+                                             num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
         sums, n, t0 = torch.zeros(len(LOSSES), device=device), 0, time.perf_counter()
         for images, targets in loader:
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-            lr = learning_rate(cfg, step, epoch, spe)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, enabled=cuda and cfg.amp):
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            step, n = step + 1, n + 1
-            sums += torch.stack([losses[k].detach().float() for k in LOSSES])
+            lr = learning_rate(cfg, training.step, epoch, spe)
+            sums, n = sums + training.train_step(images, targets, lr), n + 1
+            step = training.step
             end_of_epoch = step % spe == 0 or step >= total
             if not (step % cfg.log_every == 0 or end_of_epoch):
                 continue
-            values = (sums / n).tolist()
-            if not all(math.isfinite(v) for v in values):
-                raise FloatingPointError(f"loss is not finite at step {step} (lr {lr:.3g}): "
-                                         f"lower --lr, set --clip-grad-norm, or raise --warmup-iters")
-            elapsed = time.perf_counter() - t0
-            metrics = {"step": step, "epoch": epoch, "lr": lr, "loss": sum(values), **dict(zip(LOSSES, values)),
-                       "images_per_s": n * cfg.batch_size * world / elapsed,
-                       "images_per_s_per_worker": n * cfg.batch_size / elapsed, "workers": world}
+            metrics = interval_metrics(sums, n, step, epoch, lr, time.perf_counter() - t0, cfg.batch_size, world)
             stop = bool(broadcast_from_rank_zero(storage.exists(stop_file) if rank == 0 else None))
             preempted = ray.train.get_preemption_info() is not None and not saved_for_preemption
             saved_for_preemption = saved_for_preemption or preempted
-            every = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-            save_and_report(metrics, epoch, end_of_epoch or stop or preempted or bool(every))
+            every = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            _report(training, metrics, epoch, step >= total, rank, end_of_epoch or stop or preempted or every)
             if stop:
                 return
             sums, n, t0 = torch.zeros_like(sums), 0, time.perf_counter()
@@ -259,23 +284,15 @@ def train_loop(lc: dict) -> None:
                 break
 
 
-class MetricsWriter(UserCallback):
-    """Ray Train callback on the controller: rank 0's metrics of each report as one line of metrics.jsonl.
+def metrics_writer(out: str):
+    """A Ray Train callback on the controller: rank 0's metrics of each report as one line of metrics.jsonl."""
+    from ray.train import UserCallback
 
-    Lines of steps at or after a new report's step come from an attempt that died after the last
-    checkpoint and are being redone: they are dropped, so the file has each step once."""
+    class MetricsWriter(UserCallback):
+        def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+            append_metrics(out, {**metrics[0], "time": time.time()}, "step")
 
-    def __init__(self, out: str):
-        self.path = storage.join(out, METRICS_FILE)
-        self.lines: list[str] | None = None
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        record = {**metrics[0], "time": time.time()}
-        if self.lines is None:
-            text = storage.read_bytes(self.path).decode() if storage.exists(self.path) else ""
-            self.lines = [l for l in text.splitlines() if l.strip()]
-        self.lines = [l for l in self.lines if json.loads(l)["step"] < record["step"]] + [json.dumps(record)]
-        storage.write_bytes_atomic(self.path, ("\n".join(self.lines) + "\n").encode())
+    return MetricsWriter()
 
 
 def _check_run_folder(cfg: TrainConfig, classes: list[str]) -> None:
@@ -309,7 +326,6 @@ def run_train(cfg: TrainConfig) -> dict:
     """Train (or continue training) Mask R-CNN; writes RUN/model.pt, metrics.jsonl, summary.json.
 
     Assumes Ray is initialized by the caller."""
-    import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg.validate()
@@ -323,8 +339,7 @@ def run_train(cfg: TrainConfig) -> dict:
     _check_run_folder(cfg, classes)
     stop_file = storage.join(cfg.out, STOP_FILE)
     storage.delete(stop_file)
-    for k, v in RAY_TRAIN_ENV.items():
-        os.environ.setdefault(k, v)
+    use_ray_train_env()
 
     use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     trainer = TorchTrainer(
@@ -333,7 +348,7 @@ def run_train(cfg: TrainConfig) -> dict:
                            "steps_per_epoch": spe},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=train_scaling(cfg.workers, cfg.cpus_per_worker, use_gpu, cfg.resources),
-        run_config=ray_run_config(cfg.out, cfg.max_failures, cfg.keep_checkpoints, [MetricsWriter(cfg.out)]),
+        run_config=ray_run_config(cfg.out, cfg.max_failures, cfg.keep_checkpoints, [metrics_writer(cfg.out)]),
     )
     t0 = time.time()
     with _StopOnSignal(stop_file):

@@ -23,20 +23,12 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from maskless.core import shards, storage
+from maskless.core import masks, shards, storage
 
 PROTOCOLS = ("voc", "coco101")
 DEFAULT_THRESHOLDS = (0.25, 0.5, 0.75)
 # COCOeval's recall points, built the same way so the values are bit-identical.
 REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
-
-
-def areas(rles: list[dict]) -> np.ndarray:
-    """Areas of pycocotools RLEs. pycocotools 2.0.11's `area` builds a throwaway uint8 array of the list's
-    length and raises OverflowError under numpy 2 for 256 masks or more, so it is called in chunks."""
-    if not rles:
-        return np.zeros(0, np.int64)
-    return np.concatenate([mask_utils.area(rles[i:i + 255]) for i in range(0, len(rles), 255)]).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- RLE checks
@@ -165,37 +157,48 @@ class GroundTruth:
     @classmethod
     def from_samples(cls, samples: Iterable, classes: Sequence[str], shard_root: str | None = None) -> "GroundTruth":
         """From shard samples (gt.json: instances + void). A sample without gt.json is an error."""
+        def items():
+            for s in samples:
+                if s.gt is None:
+                    raise ValueError(f"sample {s.key} has no gt.json: evaluate against a dataset imported with "
+                                     f"ground truth (maskless import voc / the world)")
+                h, w = int(s.meta.get("height", 0)), int(s.meta.get("width", 0))
+                if h <= 0 or w <= 0:
+                    raise ValueError(f"sample {s.key}: its metadata has no image height/width (docs/FORMAT.md); "
+                                     f"re-import it")
+                yield s.key, (h, w), s.gt
+
+        return cls.from_annotations(items(), classes, shard_root)
+
+    @classmethod
+    def from_annotations(cls, items: Iterable[tuple[str, tuple[int, int], dict]], classes: Sequence[str],
+                         shard_root: str | None = None) -> "GroundTruth":
+        """From (image key, (height, width), gt.json content) triples."""
         classes = list(classes)
         index = {c: i for i, c in enumerate(classes)}
-        keys, sizes, masks, labels, voids = [], [], [], [], []
-        for s in samples:
-            if s.gt is None:
-                raise ValueError(f"sample {s.key} has no gt.json: evaluate against a dataset imported with "
-                                 f"ground truth (maskless import voc / the world)")
-            h, w = int(s.meta.get("height", 0)), int(s.meta.get("width", 0))
-            if h <= 0 or w <= 0:
-                raise ValueError(f"sample {s.key}: its metadata has no image height/width (docs/FORMAT.md); re-import it")
-            inst = s.gt.get("instances", [])
+        keys, sizes, rle_lists, labels, voids = [], [], [], [], []
+        for key, (h, w), gt in items:
+            inst = gt.get("instances", [])
             unknown = sorted({i["class"] for i in inst} - set(index))
             if unknown:
-                raise ValueError(f"sample {s.key}: ground-truth classes {unknown} are not in the dataset's classes {classes}")
-            def name(_: int, key: str = s.key) -> str:
+                raise ValueError(f"sample {key}: ground-truth classes {unknown} are not in the dataset's classes {classes}")
+            def name(_: int, key: str = key) -> str:
                 return f"ground truth of {key}"
 
             rles = check_rles([i["mask"] for i in inst], [(h, w)] * len(inst), name)
-            void = s.gt.get("void")
+            void = gt.get("void")
             void = check_rles([void], [(h, w)], name)[0] if void else None
             if void is not None and rles and np.any(mask_utils.iou(rles, [void], [1]) > 0):
-                raise ValueError(f"sample {s.key}: ground-truth instances overlap the void mask; void pixels "
+                raise ValueError(f"sample {key}: ground-truth instances overlap the void mask; void pixels "
                                  f"belong to no instance (docs/FORMAT.md)")
-            keys.append(s.key)
+            keys.append(key)
             sizes.append((h, w))
-            masks.append(rles)
+            rle_lists.append(rles)
             labels.append(np.array([index[i["class"]] for i in inst], np.int64))
             voids.append(void)
         if len(set(keys)) != len(keys):
             raise ValueError("the ground truth has duplicate image keys")
-        return cls(classes, keys, sizes, masks, labels, voids, shard_root)
+        return cls(classes, keys, sizes, rle_lists, labels, voids, shard_root)
 
     @classmethod
     def from_shards(cls, root: str) -> "GroundTruth":
@@ -295,21 +298,19 @@ def image_iou(dets: list[dict], gts: list[dict], void: dict | None, ignore_void:
               area_d: np.ndarray | None = None, area_g: np.ndarray | None = None) -> np.ndarray:
     """IoU (len(dets), len(gts)) of pycocotools RLEs of one image.
 
-    Default (chainercv's rule): plain mask IoU; predicted pixels on void count in the union.
-    ignore_void: void pixels are removed from each prediction first. Ground truth never covers void,
-    so only the union shrinks, by |prediction & void|.
-    With iscrowd=1 pycocotools returns intersection / detection area; multiplying back by the area
-    and rounding recovers the exact integer intersection, so the IoU is the exact ratio of integers.
+    Default (chainercv's rule): plain mask IoU (masks.iou_matrix); predicted pixels on void count in
+    the union. ignore_void: void pixels are removed from each prediction first. Ground truth never
+    covers void, so only the union shrinks, by |prediction & void|.
     area_d / area_g: the masks' areas when the caller has them already."""
     if not dets or not gts:
         return np.zeros((len(dets), len(gts)))
-    area_d = areas(dets) if area_d is None else area_d
-    area_g = areas(gts) if area_g is None else area_g
-    inter = np.rint(np.asarray(mask_utils.iou(dets, gts, [1] * len(gts))) * area_d[:, None]).astype(np.int64)
-    union = area_d[:, None] + area_g[None, :] - inter
-    if ignore_void and void is not None:
-        on_void = np.rint(np.asarray(mask_utils.iou(dets, [void], [1]))[:, 0] * area_d).astype(np.int64)
-        union = union - on_void[:, None]
+    if not (ignore_void and void is not None):
+        return masks.iou_matrix(dets, gts, area_d, area_g)
+    area_d = masks.areas(dets) if area_d is None else area_d
+    area_g = masks.areas(gts) if area_g is None else area_g
+    inter = masks.intersections(dets, gts, area_d)
+    on_void = masks.intersections(dets, [void], area_d)[:, 0]
+    union = area_d[:, None] + area_g[None, :] - inter - on_void[:, None]
     return np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)
 
 
@@ -323,6 +324,7 @@ class ProtocolResult:
     thresholds: list[float]
     ap: np.ndarray  # (T, C)
     curves: list[list[tuple[np.ndarray, np.ndarray] | None]]  # [t][c] (recall, precision) as the protocol sees it
+    true_positives: np.ndarray  # (T, C) predictions matched under the protocol's rule
 
     @property
     def mean_ap(self) -> list[float]:
@@ -431,8 +433,8 @@ def evaluate(gt: GroundTruth, predictions: list[dict] | str | Predictions,
     best_gt = np.full(len(preds.rles), -1, np.int64)  # its global gt index (first of equal maxima)
     abo_same = np.zeros(len(gt_label))
     abo_any = np.zeros(len(gt_label))
-    area_d = areas(preds.rles)
-    area_g = areas([r for m in gt.masks for r in m])
+    area_d = masks.areas(preds.rles)
+    area_g = masks.areas([r for m in gt.masks for r in m])
     for i in range(len(gt.keys)):
         lo, hi = bounds[i], bounds[i + 1]
         m = image_iou(preds.rles[lo:hi], gt.masks[i], gt.voids[i], ignore_void, area_d[lo:hi],
@@ -472,6 +474,7 @@ def _voc(preds: Predictions, best_iou: np.ndarray, best_gt: np.ndarray, n_gt: np
     order = _score_order(preds)
     C = len(n_gt)
     ap = np.full((len(thresholds), C), np.nan)
+    true_positives = np.zeros((len(thresholds), C), np.int64)
     curves: list[list] = []
     label_sorted = preds.label[order]
     for ti, t in enumerate(thresholds):
@@ -480,6 +483,7 @@ def _voc(preds: Predictions, best_iou: np.ndarray, best_gt: np.ndarray, n_gt: np
         idx = np.flatnonzero(valid)
         _, first = np.unique(best_gt[order][idx], return_index=True)
         tp[idx[first]] = True
+        true_positives[ti] = np.bincount(label_sorted[tp], minlength=C)
         row = []
         for c in range(C):
             sel = label_sorted == c
@@ -493,7 +497,7 @@ def _voc(preds: Predictions, best_iou: np.ndarray, best_gt: np.ndarray, n_gt: np
             ap[ti, c] = _envelope_area(prec, rec)
             row.append((rec, prec))
         curves.append(row)
-    return ProtocolResult("voc", thresholds, ap, curves)
+    return ProtocolResult("voc", thresholds, ap, curves, true_positives)
 
 
 def _envelope_area(prec: np.ndarray, rec: np.ndarray) -> float:
@@ -555,7 +559,9 @@ def _coco101(preds: Predictions, gt: GroundTruth, ious: list[np.ndarray], bounds
             ap[ti, c] = float(np.mean(q))
             row.append((REC_THRS.copy(), q))
         curves.append(row)
-    return ProtocolResult("coco101", thresholds, ap, curves)
+    true_positives = np.stack([np.bincount(label_sorted[matched[ti, order]], minlength=C) for ti in range(T)]) \
+        if T else np.zeros((0, C), np.int64)
+    return ProtocolResult("coco101", thresholds, ap, curves, true_positives)
 
 
 def _greedy_match(iou: np.ndarray, thresholds: list[float]) -> np.ndarray:
