@@ -37,8 +37,6 @@ UNITS_DIR = "_units"
 ROBOTS_DIR = "_robots"  # robots.txt answers shared by the run's tasks (ingest/robots.py RobotsStore)
 SUMMARY_FILE = "crawl_summary.json"
 DEFAULT_USER_AGENT = "maskless/0.1 (image dataset crawler; honours robots.txt and X-Robots-Tag noai/noimageai)"
-PAGE_SIZE = {"bing": 20, "local": 20, "baidu": 30, "google": 100, "flickr": 1}
-RESULT_CAP = {"bing": 1000, "local": 1_000_000, "baidu": 1000, "google": 1000, "flickr": 4000}
 
 
 @dataclass
@@ -104,14 +102,12 @@ class CrawlConfig:
             raise ValueError(f"unknown engine(s) {bad or self.engine}; choose from {', '.join(ENGINES)}")
         if not isinstance(self.classes, dict):
             raise ValueError("classes must be a mapping class -> list of queries (YAML)")
-        if any(e != "urls" for e in self.engine) and not self.queries():
+        engines = [ENGINES[e] for e in self.engine]
+        if any(e.searches for e in engines) and not self.queries():
             raise ValueError("nothing to search: give --keywords car,dog or a classes: mapping in YAML")
-        if "urls" in self.engine and not self.urls:
-            raise ValueError("engine urls needs --urls FILE (CSV url,label[,label...] or parquet)")
-        if "local" in self.engine and not self.local_root:
-            raise ValueError("engine local needs --local-root (class subfolders, or a world from `maskless world`)")
-        if "flickr" in self.engine and not os.environ.get("FLICKR_APIKEY"):
-            raise ValueError("engine flickr needs the FLICKR_APIKEY environment variable")
+        for e in engines:
+            if (e.needs_option and not getattr(self, e.needs_option)) or (e.needs_env and not os.environ.get(e.needs_env)):
+                raise ValueError(f"engine {e.name} needs {e.needs_help}")
         for name in ("images_per_query", "image_size", "shard_size", "threads", "workers",
                      "per_host_concurrency", "max_bytes", "max_pixels", "min_size"):
             if getattr(self, name) < 1:
@@ -161,23 +157,23 @@ def read_url_list(path: str) -> list[tuple[str, tuple[str, ...]]]:
 def plan_units(cfg: CrawlConfig) -> list[Unit]:
     """Every unit of the crawl, in a stable order."""
     units: list[Unit] = []
-    for engine in cfg.engine:
-        if engine == "urls":
+    for name in cfg.engine:
+        engine = ENGINES[name]
+        if not engine.searches:  # a URL list
             rows = read_url_list(cfg.urls)
             for w, start in enumerate(range(0, len(rows), cfg.shard_size)):
                 chunk = tuple(rows[start:start + cfg.shard_size])
-                units.append(Unit("urls", "", os.path.basename(cfg.urls), w, start, len(chunk), chunk))
+                units.append(Unit(name, "", os.path.basename(cfg.urls), w, start, len(chunk), chunk))
             continue
         for label, queries in cfg.queries().items():
             for q in queries:
-                if engine == "greedy":
-                    units.append(Unit(engine, label, q, 0, 0, cfg.images_per_query))
+                if not engine.paged:
+                    units.append(Unit(name, label, q, 0, 0, cfg.images_per_query))
                     continue
-                total = min(cfg.images_per_query, RESULT_CAP[engine])
-                page = PAGE_SIZE[engine]
-                window = max(page, min(cfg.shard_size, total) // page * page)
+                total = min(cfg.images_per_query, engine.result_cap)
+                window = max(engine.page_size, min(cfg.shard_size, total) // engine.page_size * engine.page_size)
                 for w, start in enumerate(range(0, total, window)):
-                    units.append(Unit(engine, label, q, w, start, min(window, total - start)))
+                    units.append(Unit(name, label, q, w, start, min(window, total - start)))
     seen, unique = set(), []
     for u in units:
         if u.name not in seen:

@@ -26,9 +26,9 @@ from icrawler.feeder import UrlListFeeder
 from icrawler.utils import CachedQueue
 
 from maskless.ingest.downloader import MasklessDownloader, UnitSink
+from maskless.ingest.local_engine import PAGE_SIZE
 from maskless.ingest.safety import SafeAdapter
 
-ENGINES = ("bing", "baidu", "google", "flickr", "greedy", "urls", "local")
 FLICKR_SIZES = ["large", "medium 800", "medium 640", "large 1600", "original", "medium"]
 
 
@@ -61,7 +61,7 @@ class LocalBingFeeder(BingFeeder):
     """Bing's feeder pointed at our loopback result server instead of bing.com."""
 
     def feed(self, keyword, offset, max_num, base_url, filters=None):
-        for i in range(offset, offset + max_num, 20):
+        for i in range(offset, offset + max_num, PAGE_SIZE):
             self.out_queue.put(f"{base_url}/images/async?q={quote_plus(keyword)}&first={i}")
 
 
@@ -79,31 +79,6 @@ class TolerantGoogleParser(GoogleParser):
 
     def parse(self, response):
         return super().parse(response) or []
-
-
-def components(unit: Unit, local_base: str | None) -> tuple[type, type, dict, dict]:
-    """(feeder class, parser class, feeder kwargs, parser kwargs) for a unit."""
-    window = dict(keyword=unit.query, offset=unit.offset, max_num=unit.count)
-    if unit.engine == "bing":
-        return BingFeeder, BingParser, window, {}
-    if unit.engine == "local":
-        return LocalBingFeeder, BingParser, {**window, "base_url": local_base}, {}
-    if unit.engine == "baidu":
-        return BaiduFeeder, BaiduParser, window, {}
-    if unit.engine == "google":
-        return GoogleFeeder, TolerantGoogleParser, window, {}
-    if unit.engine == "flickr":
-        key = os.environ.get("FLICKR_APIKEY", "")
-        return (FlickrPageFeeder, FlickrParser,
-                dict(apikey=key, text=unit.query, page=unit.window + 1, per_page=unit.count),
-                dict(apikey=key, size_preference=FLICKR_SIZES))
-    if unit.engine == "greedy":
-        site = unit.query if unit.query.startswith("http") else "http://" + unit.query
-        return (PoliteGreedyFeeder, PoliteGreedyParser, dict(domains=[site.rstrip("/")]),
-                dict(domains=[site.rstrip("/")]))
-    if unit.engine == "urls":
-        return UrlListFeeder, PseudoParser, dict(url_list=[u for u, _ in unit.rows]), {}
-    raise ValueError(f"unknown engine {unit.engine!r}; known: {', '.join(ENGINES)}")
 
 
 class PoliteGreedyFeeder(GreedyFeeder):
@@ -130,6 +105,56 @@ class PoliteGreedyParser(GreedyParser):
             yield task
 
 
+def _window(unit: Unit, local_base: str | None) -> dict:
+    return dict(keyword=unit.query, offset=unit.offset, max_num=unit.count)
+
+
+def _site(unit: Unit) -> dict:
+    site = unit.query if unit.query.startswith("http") else "http://" + unit.query
+    return dict(domains=[site.rstrip("/")])
+
+
+def _flickr_page(unit: Unit, local_base: str | None) -> dict:
+    return dict(apikey=os.environ.get("FLICKR_APIKEY", ""), text=unit.query, page=unit.window + 1,
+                per_page=unit.count)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One source of image URLs: icrawler's feeder and parser for it, how its results are paged, and
+    what a crawl must provide to use it. Adding an engine is one entry of ENGINES."""
+
+    name: str
+    feeder: type
+    parser: type
+    feeder_kwargs: Callable[[Unit, Optional[str]], dict]  # (unit, local engine base URL) -> feeder.start kwargs
+    parser_kwargs: Callable[[Unit], dict] = lambda unit: {}
+    page_size: int = 1                 # results per result page: a unit's window is a multiple of it
+    result_cap: int = 1_000_000        # most results the engine serves per query
+    searches: bool = True              # False: no queries (URL lists)
+    paged: bool = True                 # False: one unit per query, however many results (site crawls)
+    needs_option: Optional[str] = None  # a CrawlConfig field that must be set
+    needs_env: Optional[str] = None     # an environment variable that must be set
+    needs_help: str = ""
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (
+    Engine("bing", BingFeeder, BingParser, _window, page_size=PAGE_SIZE, result_cap=1000),
+    Engine("baidu", BaiduFeeder, BaiduParser, _window, page_size=30, result_cap=1000),
+    Engine("google", GoogleFeeder, TolerantGoogleParser, _window, page_size=100, result_cap=1000),
+    Engine("flickr", FlickrPageFeeder, FlickrParser, _flickr_page,
+           lambda unit: dict(apikey=os.environ.get("FLICKR_APIKEY", ""), size_preference=FLICKR_SIZES),
+           result_cap=4000, needs_env="FLICKR_APIKEY", needs_help="the FLICKR_APIKEY environment variable"),
+    Engine("greedy", PoliteGreedyFeeder, PoliteGreedyParser, lambda unit, base: _site(unit),
+           lambda unit: _site(unit), paged=False),
+    Engine("urls", UrlListFeeder, PseudoParser, lambda unit, base: dict(url_list=[u for u, _ in unit.rows]),
+           searches=False, needs_option="urls", needs_help="--urls FILE (CSV url,label[,label...] or parquet)"),
+    Engine("local", LocalBingFeeder, BingParser, lambda unit, base: {**_window(unit, base), "base_url": base},
+           page_size=PAGE_SIZE, needs_option="local_root",
+           needs_help="--local-root (class subfolders, or a world from `maskless world`)"),
+)}
+
+
 class RankedQueue(CachedQueue):
     """The parser -> downloader queue, unbounded, numbering each result in the order it is queued
     (the engine's result order) for the unit's window (UnitSink.first)."""
@@ -146,14 +171,16 @@ class RankedQueue(CachedQueue):
 
 def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSink:
     """Drive icrawler's feeder and parser with our downloader for one unit; returns what it got."""
-    feeder_cls, parser_cls, feeder_kw, parser_kw = components(unit, local_base)
+    engine = ENGINES[unit.engine]
+    feeder_cls, parser_cls = engine.feeder, engine.parser
+    feeder_kw, parser_kw = engine.feeder_kwargs(unit, local_base), engine.parser_kwargs(unit)
     sink = UnitSink()
     by_url: dict[str, set] = {}
     for url, labels in unit.rows:
         by_url.setdefault(url, set()).update(labels)
 
     def labels_for(url: str) -> list[str]:
-        return sorted(by_url.get(url, ())) if unit.engine == "urls" else [unit.label]
+        return sorted(by_url.get(url, ())) if not engine.searches else [unit.label]
 
     crawler = Crawler(feeder_cls, parser_cls, MasklessDownloader, downloader_threads=options["threads"],
                       storage=sink, log_level=logging.CRITICAL,
@@ -172,7 +199,7 @@ def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSi
                           on_refused=lambda url, why: sink.count("requests_refused"))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    if unit.engine == "greedy":
+    if issubclass(feeder_cls, PoliteGreedyFeeder):  # the site crawl asks robots.txt before every page
         crawler.feeder.robots_refusal = crawler.parser.robots_refusal = crawler.downloader.robots_refusal
         crawler.parser.on_disallowed = lambda: sink.count("pages_disallowed")
 

@@ -10,12 +10,15 @@ import io
 import logging
 import os
 import urllib.error
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models import WeightsEnum
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskless.core import storage
@@ -23,16 +26,9 @@ from maskless.pseudo.peak_stimulation import BACKWARD_MODES, peak_stimulation
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet50", "resnet34", "resnet18", "tiny")
 CHECKPOINT_FORMAT = "maskless-classifier"
 CHECKPOINT_VERSION = 1
 EXPORT_NAME = "classifier.pt"
-
-_RESNET_WEIGHTS = {
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,  # the weights PRM and WISE started from
-    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-}
 
 
 def _tiny_backbone(norm: type[nn.Module]) -> nn.Sequential:
@@ -50,15 +46,48 @@ def _tiny_backbone(norm: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+_RESNET_MODULES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+
+
+def _resnet(name: str, norm: type[nn.Module]) -> tuple[nn.Sequential, int]:
+    net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
+    return nn.Sequential(*(getattr(net, m) for m in _RESNET_MODULES)), net.fc.in_features
+
+
+def _resnet_key(key: str) -> str | None:
+    """torchvision names ResNet modules; our Sequential numbers them in the same order (its fc is skipped)."""
+    top, _, rest = key.partition(".")
+    return f"{_RESNET_MODULES.index(top)}.{rest}" if top in _RESNET_MODULES else None
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A classifier backbone: its feature network and channels for a norm layer, the torchvision ImageNet
+    weights it can start from, and how a torchvision state dict's keys map onto it."""
+
+    build: Callable[[type[nn.Module]], tuple[nn.Sequential, int]]
+    imagenet: Optional[WeightsEnum]
+    state_key: Callable[[str], Optional[str]]
+
+
+BACKBONES: dict[str, Backbone] = {
+    # the ResNet-50 ImageNet weights are the ones PRM and WISE started from
+    "resnet50": Backbone(partial(_resnet, "resnet50"), torchvision.models.ResNet50_Weights.IMAGENET1K_V1, _resnet_key),
+    "resnet34": Backbone(partial(_resnet, "resnet34"), torchvision.models.ResNet34_Weights.IMAGENET1K_V1, _resnet_key),
+    "resnet18": Backbone(partial(_resnet, "resnet18"), torchvision.models.ResNet18_Weights.IMAGENET1K_V1, _resnet_key),
+    "tiny": Backbone(lambda norm: (_tiny_backbone(norm), 128), None, lambda key: key.removeprefix("backbone.")),
+}
+
+
 def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for a backbone, from the torch hub cache or downloaded into it.
 
     Raises FileNotFoundError (never falls back to random weights) when neither works.
     """
-    if backbone not in _RESNET_WEIGHTS:
+    weights = BACKBONES[backbone].imagenet if backbone in BACKBONES else None
+    if weights is None:
         raise ValueError(f"backbone {backbone!r} has no ImageNet weights; use backbone_weights='none' "
-                         f"or a file, or one of {sorted(_RESNET_WEIGHTS)}")
-    weights = _RESNET_WEIGHTS[backbone]
+                         f"or a file, or one of {sorted(n for n, b in BACKBONES.items() if b.imagenet)}")
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
         return weights.get_state_dict(progress=False, check_hash=False)
@@ -101,31 +130,15 @@ class PeakClassifier(nn.Module):
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
         if peak_backward not in BACKWARD_MODES:
             raise ValueError(f"peak_backward must be one of {BACKWARD_MODES}, got {peak_backward!r}")
-        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-        if backbone == "tiny":
-            self.backbone = _tiny_backbone(norm)
-            channels = 128
-        else:
-            net = getattr(torchvision.models, backbone)(weights=None, norm_layer=norm)
-            self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                          net.layer1, net.layer2, net.layer3, net.layer4)
-            channels = net.fc.in_features
+        self.backbone, channels = BACKBONES[backbone].build(FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=True)
         self.backbone_name, self.frozen_bn = backbone, frozen_bn
         self.peak_backward, self.upsample = peak_backward, upsample
 
     def load_backbone(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Load torchvision-format backbone weights (the classification fc is ignored)."""
-        if self.backbone_name == "tiny":
-            own = {k.removeprefix("backbone."): v for k, v in state.items()}
-        else:
-            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-            # torchvision names ResNet modules; our Sequential numbers them in the same order
-            own = {}
-            for k, v in state.items():
-                top, _, rest = k.partition(".")
-                if top in names:
-                    own[f"{names.index(top)}.{rest}"] = v
+        rename = BACKBONES[self.backbone_name].state_key
+        own = {rename(k): v for k, v in state.items() if rename(k) is not None}
         try:
             result = self.backbone.load_state_dict(own, strict=False)
         except RuntimeError as e:  # shape mismatches

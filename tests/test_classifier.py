@@ -63,6 +63,27 @@ def test_model_shapes_and_class_response_maps_are_differentiable():
     assert x.grad is not None and x.grad[0].abs().sum() > 0 and x.grad[1].abs().sum() == 0
 
 
+def test_every_backbone_declaration_builds_a_classifier_and_takes_its_own_weights():
+    """One entry of BACKBONES is all a backbone is: it builds, maps response maps onto the input, and a
+    torchvision-format state dict of itself (renamed as its entry says) loads back exactly."""
+    from maskless.pseudo.classifier import BACKBONES
+
+    assert set(BACKBONES) == {"resnet50", "resnet34", "resnet18", "tiny"}
+    for name, spec in BACKBONES.items():
+        model = PeakClassifier(2, backbone=name).eval()
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+        if spec.imagenet is not None:  # the torchvision network's own keys, as an ImageNet file has them
+            import torchvision
+
+            source = getattr(torchvision.models, name)(weights=None).state_dict()
+        else:
+            source = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+        fresh = PeakClassifier(2, backbone=name, frozen_bn=False)
+        fresh.load_backbone(source, name)
+        mapped = {spec.state_key(k): v for k, v in source.items() if spec.state_key(k) is not None}
+        assert all(torch.equal(fresh.backbone.state_dict()[k], v) for k, v in mapped.items())
+
+
 def test_class_list_round_trips(tmp_path):
     model = PeakClassifier(3, backbone="tiny").eval()
     classes = ["zebra", "apple", "moon"]  # not sorted: the order is the model's output order

@@ -54,7 +54,7 @@ def test_cluster_yaml_passes_ray_validation_and_routes_stages():
     types = cfg["available_node_types"]
     assert cfg["provider"]["type"] == "aws" and cfg["head_node_type"] == "head"
     assert types["head"]["resources"] == {"CPU": 0}                  # no stage work on the head
-    assert types["crawl"]["resources"] == {resources.CRAWL: 1}       # the tags ingest/resources.py asks for
+    assert types["crawl"]["resources"] == {resources.CRAWL: 1}       # the tags core/resources.py asks for
     assert types["gpu"]["resources"] == {resources.GPU_STAGE: 1}
     assert sum(t.get("min_workers", 0) for t in types.values()) <= cfg["max_workers"]
     for name in ("crawl", "gpu"):                                     # every worker installs maskless

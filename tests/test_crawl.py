@@ -264,6 +264,42 @@ def test_config_errors_are_clear(tmp_path):
         plan_units(CrawlConfig(engine=["urls"], urls=str(bad)))
 
 
+def test_every_engine_declaration_plans_units_its_icrawler_parts_accept(tmp_path, monkeypatch):
+    """One entry of ENGINES is all an engine is: its needs are checked, its units planned by its page size
+    and result cap, and the kwargs it builds fit its icrawler feeder's feed() and parser's parse()."""
+    import inspect
+
+    from maskless.ingest.engines import ENGINES
+
+    urls = tmp_path / "list.csv"
+    urls.write_text("http://x.test/a.jpg,car\nhttp://x.test/b.jpg,dog\n")
+    monkeypatch.delenv("FLICKR_APIKEY", raising=False)
+    assert set(ENGINES) == {"bing", "baidu", "google", "flickr", "greedy", "urls", "local"}
+    for name, engine in ENGINES.items():
+        base = CrawlConfig(keywords=["car"], engine=[name], images_per_query=250, shard_size=100)
+        if engine.needs_option or engine.needs_env:
+            with pytest.raises(ValueError, match=f"engine {name} needs"):
+                base.validate()
+        cfg = CrawlConfig(keywords=["car"], engine=[name], images_per_query=250, shard_size=100, urls=str(urls),
+                          local_root=str(tmp_path))
+        monkeypatch.setenv("FLICKR_APIKEY", "k")
+        cfg.validate()
+        units = plan_units(cfg)
+        monkeypatch.delenv("FLICKR_APIKEY")
+        if not engine.searches:
+            assert [u.count for u in units] == [2]
+        elif not engine.paged:
+            assert [(u.offset, u.count) for u in units] == [(0, 250)]
+        else:
+            assert sum(u.count for u in units) == min(250, engine.result_cap)
+            assert all(u.offset % engine.page_size == 0 for u in units)
+        for u in units:
+            feed = inspect.signature(engine.feeder.feed)
+            feed.bind(None, **engine.feeder_kwargs(u, "http://127.0.0.1:1"))
+            parse = inspect.signature(engine.parser.parse)
+            parse.bind(None, None, **engine.parser_kwargs(u))
+
+
 def test_clean_image_resizes_longest_side_and_flattens_alpha():
     img = clean_image(encode(smooth_image(5, 300, 150)), image_size=100, quality=90, min_size=16)
     assert (img.width, img.height, img.source_width, img.source_format) == (100, 50, 300, "JPEG")

@@ -97,6 +97,34 @@ def test_build_model_weights_rules(tmp_path):
     assert not any(p.requires_grad for p in warm.backbone.body.layer1.parameters())  # 3 trainable stages
 
 
+def test_every_arch_declaration_builds_a_detector_that_trains_a_step(tmp_path):
+    """One entry of ARCHS is all a network is: built from scratch with its own number of anchor sizes, it
+    takes a training step at 64 px and predicts; its ImageNet weights are named in the torch hub cache."""
+    from maskless.train.maskrcnn import ARCHS
+
+    assert set(ARCHS) == {"maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_fpn"}
+    image = torch.rand(3, 64, 64)
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[0, 10:40, 12:44] = 1
+    target = {"boxes": torch.tensor([[12.0, 10.0, 44.0, 40.0]]), "labels": torch.tensor([1]), "masks": mask}
+    for name, spec in ARCHS.items():
+        model = build_model(["a"], **{**TINY, "arch": name, "min_size": 64, "max_size": 64,
+                                      "anchor_sizes": [16, 32, 64, 128, 256][:spec.levels]})
+        losses = model.train()([image], [target])
+        assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+        sum(losses.values()).backward()
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert set(model.eval()([image])[0]) == {"boxes", "labels", "scores", "masks"}
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path))  # an empty cache: every entry's ImageNet file is named as missing
+    try:
+        for name, spec in ARCHS.items():
+            with pytest.raises(FileNotFoundError, match=os.path.basename(spec.imagenet.url)):
+                build_model(["a"], arch=name, weights="imagenet")
+    finally:
+        torch.hub.set_dir(hub)
+
+
 def test_stop_signal_writes_stop_file(tmp_path):
     stop = str(tmp_path / STOP_FILE)
     before = signal.getsignal(signal.SIGINT)

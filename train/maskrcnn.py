@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import detection
+from torchvision.models import WeightsEnum, detection
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.ops import MultiScaleRoIAlign
@@ -21,20 +23,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskless.core import storage
 
-ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "resnet18_fpn", "mobilenet_v3_fpn")
 EXPORT_FORMAT = "maskless-maskrcnn"
 EXPORT_VERSION = 1
 
-_IMAGENET = {
-    "maskrcnn_resnet50_fpn": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    "maskrcnn_resnet50_fpn_v2": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet18_fpn": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    "mobilenet_v3_fpn": torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
-}
-_COCO = {
-    "maskrcnn_resnet50_fpn": detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
-    "maskrcnn_resnet50_fpn_v2": detection.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
-}
 # Detector settings a config may pass through to torchvision's MaskRCNN (the rest keep its defaults).
 DETECTOR_OPTIONS = (
     "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
@@ -54,6 +45,72 @@ NORMS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d, "group": _group_n
 _RESNET_LAYERS = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 
 
+def _resnet_fpn(name: str, num_classes: int, norm: str, layers: int, min_size: int, max_size: int,
+                options: dict) -> detection.MaskRCNN:
+    backbone = resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=NORMS[norm], trainable_layers=layers)
+    return detection.MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **options)
+
+
+def _resnet50_fpn_v2(num_classes: int, norm: str, layers: int, min_size: int, max_size: int,
+                     options: dict) -> detection.MaskRCNN:
+    # Its FPN and heads use BatchNorm; only torchvision's builder assembles them (private helpers). The
+    # builder sets its own anchor generator, so ours (same 3 anchors per location) replaces it afterwards.
+    options = dict(options)
+    anchors = options.pop("rpn_anchor_generator", None)
+    model = detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes,
+                                               min_size=min_size, max_size=max_size, **options)
+    if anchors is not None:
+        model.rpn.anchor_generator = anchors
+    if norm == "frozen":
+        _freeze_batchnorm(model.backbone.body)
+    _freeze_resnet(model.backbone.body, layers)
+    return model
+
+
+def _mobilenet_v3_fpn(num_classes: int, norm: str, layers: int, min_size: int, max_size: int,
+                      options: dict) -> detection.MaskRCNN:
+    backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=NORMS[norm],
+                                  trainable_layers=layers)
+    # Three feature maps (two stages + pool): anchors and RoI pools must match, or torchvision asserts.
+    options = {"rpn_anchor_generator": AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3),
+               **options}
+    return detection.MaskRCNN(
+        backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=14, sampling_ratio=2), **options)
+
+
+def _mobilenet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # torchvision's MobileNet backbone body is the classifier's `features` Sequential itself.
+    return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A Mask R-CNN network: how it is built, the torchvision weights it can start from, its feature
+    levels (one anchor size each), its trainable backbone stages and norms, and how a classification
+    backbone's state dict maps onto its FPN body. Adding a network is one entry of ARCHS."""
+
+    build: Callable[..., detection.MaskRCNN]  # (num_classes, norm, layers, min_size, max_size, options)
+    imagenet: WeightsEnum
+    coco: Optional[WeightsEnum] = None
+    levels: int = 5
+    max_trainable_layers: int = 5
+    norms: tuple[str, ...] = ("frozen", "batch", "group")
+    body_state: Callable[[dict], dict] = lambda state: state
+
+
+ARCHS: dict[str, Arch] = {
+    "maskrcnn_resnet50_fpn": Arch(partial(_resnet_fpn, "resnet50"), torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                                  detection.MaskRCNN_ResNet50_FPN_Weights.COCO_V1),
+    "maskrcnn_resnet50_fpn_v2": Arch(_resnet50_fpn_v2, torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                                     detection.MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, norms=("frozen", "batch")),
+    "resnet18_fpn": Arch(partial(_resnet_fpn, "resnet18"), torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    "mobilenet_v3_fpn": Arch(_mobilenet_v3_fpn, torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+                             levels=3, max_trainable_layers=6, norms=("frozen", "batch"), body_state=_mobilenet_state),
+}
+
+
 def weights_file(arch: str, weights: str) -> str | None:
     """The file `weights` names for `arch`: the torch hub cache for 'imagenet'/'coco', else the path itself;
     None for 'none'. A missing file is a FileNotFoundError saying how to get it (nothing is downloaded)."""
@@ -61,11 +118,12 @@ def weights_file(arch: str, weights: str) -> str | None:
     if kind == "none":
         return None
     if kind in ("imagenet", "coco"):
-        table = _IMAGENET if kind == "imagenet" else _COCO
-        if arch not in table:
+        enum = ARCHS[arch].imagenet if kind == "imagenet" else ARCHS[arch].coco
+        if enum is None:
             raise ValueError(f"torchvision has no COCO Mask R-CNN weights for {arch}: use "
-                             f"{' or '.join(_COCO)}, --weights imagenet, a file, or none")
-        url = table[arch].url
+                             f"{' or '.join(n for n, a in ARCHS.items() if a.coco)}, --weights imagenet, a file, "
+                             f"or none")
+        url = enum.url
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -112,20 +170,15 @@ def _freeze_resnet(body: nn.Module, trainable_layers: int) -> None:
             p.requires_grad_(False)
 
 
-def _mobilenet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # torchvision's MobileNet backbone body is the classifier's `features` Sequential itself.
-    return {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-
-
 def resolve_norm(arch: str, weights: str, norm: str | None = None) -> str:
     """The backbone norm: as asked, else frozen from pretrained weights and batch from scratch."""
-    group_ok = arch in ("maskrcnn_resnet50_fpn", "resnet18_fpn")
     norm = norm or ("frozen" if weights.lower() != "none" else "batch")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    if norm == "group" and not group_ok:
-        raise ValueError(f"norm 'group' needs the resnet18_fpn or maskrcnn_resnet50_fpn backbone; "
-                         f"{arch} takes 'batch' or 'frozen'")
+    if norm not in ARCHS[arch].norms:
+        raise ValueError(f"norm {norm!r} needs one of the backbones "
+                         f"{', '.join(n for n, a in ARCHS.items() if norm in a.norms)}; {arch} takes "
+                         f"{' or '.join(repr(n) for n in ARCHS[arch].norms)}")
     return norm
 
 
@@ -149,55 +202,27 @@ def build_model(classes: list[str], arch: str = "maskrcnn_resnet50_fpn", weights
     if unknown:
         raise ValueError(f"unknown detector options {sorted(unknown)}; known: {', '.join(DETECTOR_OPTIONS)}")
     path = weights_file(arch, weights)
+    spec = ARCHS[arch]
     options = {k: v for k, v in detector_options.items() if v is not None}
     pretrained = path is not None
     norm = resolve_norm(arch, weights, norm)
-    norm_layer = NORMS[norm]
-    max_layers = 6 if arch == "mobilenet_v3_fpn" else 5
-    layers = max_layers if trainable_backbone_layers is None and not pretrained else (
+    layers = spec.max_trainable_layers if trainable_backbone_layers is None and not pretrained else (
         3 if trainable_backbone_layers is None else trainable_backbone_layers)
-    if not 0 <= layers <= max_layers:
-        raise ValueError(f"trainable_backbone_layers must be in 0..{max_layers} for {arch}, got {layers}")
-    num_classes = len(classes) + 1
-    levels = 3 if arch == "mobilenet_v3_fpn" else 5
+    if not 0 <= layers <= spec.max_trainable_layers:
+        raise ValueError(f"trainable_backbone_layers must be in 0..{spec.max_trainable_layers} for {arch}, got {layers}")
     if anchor_sizes is not None:
-        if len(anchor_sizes) != levels:
-            raise ValueError(f"{arch} has {levels} feature levels: anchor_sizes needs {levels} sizes, "
+        if len(anchor_sizes) != spec.levels:
+            raise ValueError(f"{arch} has {spec.levels} feature levels: anchor_sizes needs {spec.levels} sizes, "
                              f"got {len(anchor_sizes)}")
         options["rpn_anchor_generator"] = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),
-                                                          ((0.5, 1.0, 2.0),) * levels)
-
-    if arch == "maskrcnn_resnet50_fpn_v2":
-        # Its FPN and heads use BatchNorm; only torchvision's builder assembles them (private helpers).
-        model = detection.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes,
-                                                   min_size=min_size, max_size=max_size, **options)
-        if norm == "frozen":
-            _freeze_batchnorm(model.backbone.body)
-        _freeze_resnet(model.backbone.body, layers)
-    elif arch == "mobilenet_v3_fpn":
-        backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=norm_layer,
-                                      trainable_layers=layers)
-        # Three feature maps (two stages + pool): anchors and RoI pools must match, or torchvision asserts.
-        options.setdefault("rpn_anchor_generator", AnchorGenerator(((32, 64, 128, 256, 512),) * 3,
-                                                                   ((0.5, 1.0, 2.0),) * 3))
-        model = detection.MaskRCNN(
-            backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
-            box_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2),
-            mask_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=14, sampling_ratio=2), **options)
-    else:
-        name = "resnet50" if arch == "maskrcnn_resnet50_fpn" else "resnet18"
-        backbone = resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=norm_layer,
-                                       trainable_layers=layers)
-        model = detection.MaskRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
-                                   **options)
-    body = model.backbone.body
-
+                                                          ((0.5, 1.0, 2.0),) * spec.levels)
+    model = spec.build(len(classes) + 1, norm, layers, min_size, max_size, options)
     if pretrained:
         state = _read_state(path)
         if any(k.startswith(("backbone.", "roi_heads.", "rpn.")) for k in state):  # a whole detector
             _load_matching(model, state, path)
         else:  # a classification backbone (its fc is skipped)
-            _load_matching(body, _mobilenet_state(state) if arch == "mobilenet_v3_fpn" else state, path)
+            _load_matching(model.backbone.body, spec.body_state(state), path)
     return model
 
 
