@@ -7,6 +7,11 @@ A dataset is a folder (or URI) of shards. Shard NAME is three files:
 The tar is renamed into place last, so a shard whose `.tar` exists is complete: a killed writer leaves
 only hidden temporary files, which readers never list. `dataset.json` lists the shards and the classes
 once a stage has finished.
+
+The tars are written and read with the standard library's tarfile, not webdataset: importing webdataset
+imports torch (2.5 s in every fresh process, so in every crawl worker, which needs no torch), and a bare
+GPU machine has no webdataset. The format is WebDataset's (a sample's members `KEY.EXT`, together, in
+order); the tests read our shards with webdataset itself and with Ray Data's read_webdataset.
 """
 from __future__ import annotations
 
@@ -14,15 +19,13 @@ import io
 import json
 import os
 import re
+import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
-import importlib
-wds_gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function under this name
 from PIL import Image
 from tqdm import tqdm
 
@@ -94,7 +97,7 @@ class ShardWriter:
         fs, path = storage.resolve(root)
         tmp_dir = path if storage.is_local(fs) else None
         self._tmp = tempfile.NamedTemporaryFile(dir=tmp_dir, prefix=f".{name}.", suffix=".tar.tmp", delete=False)
-        self._tar = wds.TarWriter(self._tmp)
+        self._tar = tarfile.open(fileobj=self._tmp, mode="w")
         self._rows: list[dict] = []
         self._keys: set[str] = set()
         self.closed = False
@@ -105,13 +108,16 @@ class ShardWriter:
         if sample.key in self._keys:
             raise ValueError(f"duplicate sample key {sample.key!r} in shard {self.name}")
         self._keys.add(sample.key)
-        record = {"__key__": sample.key, "jpg": sample.jpg, "json": json.dumps(sample.meta).encode()}
+        record = {"jpg": sample.jpg, "json": json.dumps(sample.meta).encode()}
         if sample.gt is not None:
             record["gt.json"] = json.dumps(sample.gt).encode()
         if sample.pseudo is not None:
             record["pseudo.json"] = json.dumps(sample.pseudo).encode()
         record.update(sample.extra)
-        self._tar.write(record)
+        for ext in sorted(record):  # a sample's members together, in a fixed order (webdataset's too)
+            info = tarfile.TarInfo(f"{sample.key}.{ext}")
+            info.size, info.mode = len(record[ext]), 0o444  # mtime 0: the same samples give the same bytes
+            self._tar.addfile(info, io.BytesIO(record[ext]))
         self._rows.append(_manifest_row(sample))
 
     def __len__(self) -> int:
@@ -227,35 +233,39 @@ def delete_shard(root: str, name: str) -> None:
         storage.delete(storage.join(root, name + ext))
 
 
-def _pyarrow_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    fs, path = storage.resolve(url)
-    return fs.open_input_stream(path)
-
-
-for _scheme in ("s3", "gs", "gcs", "hdfs"):
-    # webdataset opens remote URLs through shell pipes by default; route them through pyarrow's
-    # filesystems instead, so credentials and endpoints are the same everywhere in maskless.
-    wds_gopen.gopen_schemes[_scheme] = _pyarrow_gopen
-
-
-def _sample_from_record(rec: dict) -> Sample:
-    extra = {k: v for k, v in rec.items()
-             if k not in ("__key__", "__url__", "__local_path__", "jpg", "json", "gt.json", "pseudo.json")}
+def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
+    extra = {k: v for k, v in members.items() if k not in ("jpg", "json", "gt.json", "pseudo.json")}
     return Sample(
-        key=rec["__key__"],
-        jpg=rec["jpg"],
-        meta=json.loads(rec["json"]),
-        gt=json.loads(rec["gt.json"]) if "gt.json" in rec else None,
-        pseudo=json.loads(rec["pseudo.json"]) if "pseudo.json" in rec else None,
+        key=key,
+        jpg=members["jpg"],
+        meta=json.loads(members["json"]),
+        gt=json.loads(members["gt.json"]) if "gt.json" in members else None,
+        pseudo=json.loads(members["pseudo.json"]) if "pseudo.json" in members else None,
         extra=extra,
     )
 
 
 def read_shard(shard: str) -> Iterator[Sample]:
-    """Samples of one shard tar, in write order."""
-    url = shard[len("file://"):] if shard.startswith("file://") else shard
-    for rec in wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False):
-        yield _sample_from_record(rec)
+    """Samples of one shard tar, in write order, streamed from a path or URI."""
+    fs, path = storage.resolve(shard)
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        key, members = None, {}
+        for m in tar:
+            if not m.isfile():
+                continue
+            # WebDataset's rule: the key is the name up to the first dot of its last path component
+            folder, _, base = m.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            name = f"{folder}/{stem}" if folder else stem
+            if name != key and members:
+                yield _sample_from_members(key, members)
+                members = {}
+            key = name
+            members[ext] = tar.extractfile(m).read()
+        if members:
+            yield _sample_from_members(key, members)
 
 
 def read_dataset(root: str) -> Iterator[Sample]:
