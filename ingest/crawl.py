@@ -1,7 +1,8 @@
 """`maskless crawl`: search by keyword (or read URL lists) into clean, deduplicated, labelled shards.
 
-The crawl is a list of work units, one per (engine, query, result window), run as Ray tasks with
-a bound on how many are in flight. Each unit drives icrawler (engines.py) with our downloader
+The crawl is a list of work units, one per (engine, query, result window) or per slice of a URL
+list (reader.py: planned by reference, read by the task), run as Ray tasks with a bound on how
+many are in flight. Each unit drives icrawler (engines.py) with our downloader
 (downloader.py) and writes its samples as ONE shard under OUT/_units/; that shard's tar is the
 unit's completion record (the shard commit rule), so a rerun skips finished units and a Ray retry
 of a finished unit returns its record. A final pass (dedup.py) reads every unit manifest, merges
@@ -11,18 +12,17 @@ Docs: docs/CRAWL.md.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
+import math
 import os
+import posixpath
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from maskless.core import resources, shards, storage
@@ -30,10 +30,12 @@ from maskless.ingest.dedup import decide
 from maskless.ingest.engines import ENGINES, Unit, run_unit
 from maskless.ingest.local_engine import LocalSearchServer
 from maskless.ingest.pacer import start_pacer
+from maskless.ingest.reader import FORMATS, FilePlan, ListOptions, find_lists, plan_lists, save_ledgers
 
 logger = logging.getLogger(__name__)
 
 UNITS_DIR = "_units"
+LISTS_DIR = "_lists"    # what each URL list file's earlier commands planned of it (ingest/reader.py)
 ROBOTS_DIR = "_robots"  # robots.txt answers shared by the run's tasks (ingest/robots.py RobotsStore)
 SUMMARY_FILE = "crawl_summary.json"
 DEFAULT_USER_AGENT = "maskless/0.1 (image dataset crawler; honours robots.txt and X-Robots-Tag noai/noimageai)"
@@ -53,8 +55,21 @@ class CrawlConfig:
     timeout: float = field(default=10.0, metadata={"help": "seconds per request (connect/read)"})
     shard_size: int = field(default=500, metadata={"help": "most samples per shard (= result window per unit)"})
     out: str = field(default="data/crawl", metadata={"help": "output folder or URI"})
-    urls: Optional[str] = field(default=None, metadata={
-        "help": "CSV (url,label[,label...]) or parquet (url, label or labels) for --engine urls"})
+    urls: list[str] = field(default_factory=list, metadata={
+        "help": "URL lists for --engine urls: files, folders or globs, local or URIs, in CSV, TSV, TXT (one URL "
+                "a line), JSON lines or parquet (docs/CRAWL.md)"})
+    input_format: str = field(default="auto", metadata={
+        "help": "format of the URL lists (auto: by file extension)", "choices": ["auto", *FORMATS]})
+    url_col: str = field(default="url", metadata={"help": "URL lists: the column (key) holding the URL"})
+    label_col: list[str] = field(default_factory=lambda: ["label", "labels"], metadata={
+        "help": "URL lists: the label column, the first of these names a list has"})
+    label_sep: str = field(default="", metadata={
+        "help": "URL lists: split label cells on this string, e.g. '|' (empty: a cell is one label)"})
+    label: Optional[str] = field(default=None, metadata={
+        "help": "URL lists: the label of every row of a list without a label column (TXT lists: default the "
+                "file's name without extension)"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "plan and print the units, rows and an estimate of requests; no request, nothing written"})
     local_root: Optional[str] = field(default=None, metadata={
         "help": "engine local: folder of class subfolders, or a VOC-format world"})
     allow_private: bool = field(default=False, metadata={
@@ -83,6 +98,15 @@ class CrawlConfig:
         "help": "perceptual-hash distance (bits of 64) counted as a near duplicate; -1: exact only"})
     unit_idle_timeout: float = field(default=120.0, metadata={"help": "stop a unit after this many seconds without new results"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        if isinstance(self.urls, str):  # one list, as YAML and Python callers often give it
+            self.urls = [self.urls]
+        if isinstance(self.label_col, str):
+            self.label_col = [self.label_col]
+
+    def list_options(self) -> ListOptions:
+        return ListOptions(self.url_col, tuple(self.label_col), self.label_sep, self.label, self.input_format)
 
     def queries(self) -> dict[str, list[str]]:
         """class -> queries, YAML classes first, then keywords."""
@@ -124,46 +148,33 @@ class CrawlConfig:
             raise ValueError(f"near_dup_bits must be in -1..32, got {self.near_dup_bits}")
         if "maskless" not in self.user_agent.lower():
             raise ValueError("user_agent must name maskless, so that sites can tell who is crawling")
+        if not self.url_col.strip() or not [c for c in self.label_col if c.strip()]:
+            raise ValueError("url_col and label_col must name columns")
+        if self.label is not None and not self.label.strip():
+            raise ValueError("label must not be empty")
+        if any(not e.searches for e in engines):
+            find_lists(self.urls, self.input_format)  # a list that does not exist fails here, before Ray starts
 
 
-def read_url_list(path: str) -> list[tuple[str, tuple[str, ...]]]:
-    """(url, labels) rows of a CSV (url,label[,label...], optional header) or parquet file."""
-    if not storage.exists(path):
-        raise FileNotFoundError(f"URL list {path} not found")
-    data = storage.read_bytes(path)
-    rows: list[tuple[str, tuple[str, ...]]] = []
-    if path.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-        cols = set(table.column_names)
-        if "url" not in cols or not cols & {"label", "labels"}:
-            raise ValueError(f"{path}: parquet URL lists need a 'url' column and 'label' or 'labels'")
-        for r in table.to_pylist():
-            labels = r.get("labels") if "labels" in cols else r.get("label")
-            labels = [labels] if isinstance(labels, str) else list(labels or [])
-            rows.append((str(r["url"]).strip(), tuple(str(x).strip() for x in labels if x)))
-    else:
-        for i, rec in enumerate(csv.reader(io.StringIO(data.decode("utf-8-sig")))):
-            if not rec or not rec[0].strip() or rec[0].lstrip().startswith("#"):
-                continue
-            if i == 0 and rec[0].strip().lower() == "url":
-                continue
-            rows.append((rec[0].strip(), tuple(x.strip() for x in rec[1:] if x.strip())))
-    for url, labels in rows:
-        if not labels:
-            raise ValueError(f"{path}: URL {url} has no label (each row is url,label[,label...])")
-    return rows
+@dataclass
+class CrawlPlan:
+    """The crawl's units in a stable order, and for URL lists what planning found of each file."""
+
+    units: list[Unit]
+    lists: list[FilePlan] = field(default_factory=list)
 
 
-def plan_units(cfg: CrawlConfig) -> list[Unit]:
-    """Every unit of the crawl, in a stable order."""
+def plan_crawl(cfg: CrawlConfig) -> CrawlPlan:
+    """Plan every unit; reads the URL lists' heads or footers and OUT/_lists, writes nothing."""
     units: list[Unit] = []
+    lists: list[FilePlan] = []
     for name in cfg.engine:
         engine = ENGINES[name]
-        if not engine.searches:  # a URL list
-            rows = read_url_list(cfg.urls)
-            for w, start in enumerate(range(0, len(rows), cfg.shard_size)):
-                chunk = tuple(rows[start:start + cfg.shard_size])
-                units.append(Unit(name, "", os.path.basename(cfg.urls), w, start, len(chunk), chunk))
+        if not engine.searches:  # URL lists: one unit per slice, by reference
+            lists = plan_lists(cfg.urls, cfg.list_options(), cfg.shard_size, storage.join(cfg.out, LISTS_DIR))
+            for fp in lists:
+                query = posixpath.basename(fp.file.path)
+                units += [Unit(name, "", query, w, 0, 0, source) for w, source in enumerate(fp.slices)]
             continue
         for label, queries in cfg.queries().items():
             for q in queries:
@@ -179,7 +190,12 @@ def plan_units(cfg: CrawlConfig) -> list[Unit]:
         if u.name not in seen:
             seen.add(u.name)
             unique.append(u)
-    return unique
+    return CrawlPlan(unique, lists)
+
+
+def plan_units(cfg: CrawlConfig) -> list[Unit]:
+    """Every unit of the crawl, in a stable order."""
+    return plan_crawl(cfg).units
 
 
 def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | None) -> dict:
@@ -349,25 +365,88 @@ def _summarize(unit_stats: list[dict], dropped: dict, shard_meta: dict[str, dict
     return dict(sorted(groups.items()))
 
 
+def _list_status(plan: CrawlPlan) -> dict:
+    by = Counter(fp.status for fp in plan.lists)
+    return {"files": len(plan.lists), **{k: by.get(k, 0) for k in ("new", "unchanged", "grown")},
+            "changed": [fp.file.path for fp in plan.lists if fp.status == "changed"]}
+
+
+def dry_run(cfg: CrawlConfig, plan: CrawlPlan, done: set[str], seconds: float) -> dict:
+    """What the crawl would do: units per engine and class, rows or result windows, requests to expect."""
+    rows_of = {s: n for fp in plan.lists for s, n in zip(fp.slices, fp.slice_rows)}
+    groups: dict[str, dict] = {}
+    pages = images = 0
+    for u in plan.units:
+        engine = ENGINES[u.engine]
+        key = f"{u.engine}/{u.label or '(list)'}"
+        if key not in groups:
+            groups[key] = {"units": 0, "units_to_run": 0, **(
+                {"rows": 0, "rows_exact": all(fp.rows_exact for fp in plan.lists)} if u.source is not None
+                else {"results": 0})}
+        g = groups[key]
+        g["units"] += 1
+        n = rows_of[u.source] if u.source is not None else u.count
+        g["rows" if u.source is not None else "results"] += n
+        if u.name in done:
+            continue
+        g["units_to_run"] += 1
+        images += n
+        if engine.searches and engine.paged:
+            pages += math.ceil(u.count / engine.page_size)
+    to_run = [u for u in plan.units if u.name not in done]
+    return {
+        "dry_run": True, "out": cfg.out, "engines": list(cfg.engine), "units": len(plan.units),
+        "units_already_done": len(plan.units) - len(to_run), "units_to_run": len(to_run),
+        "by_engine_class": dict(sorted(groups.items())),
+        "requests_estimate": {"result_pages": pages, "images": images, "total": pages + images,
+                              "not_counted": "retries, robots.txt (one per image site new to OUT) and "
+                                             "the pages of greedy site crawls"},
+        "url_lists": _list_status(plan),
+        "first_units": [u.describe() for u in to_run[:5]],
+        "planning_seconds": round(seconds, 3),
+    }
+
+
+def _engines_without_results(cfg: CrawlConfig, units: list[Unit], meta: dict[str, dict]) -> list[str]:
+    """A warning (logged once per crawl) for each search engine whose every query found nothing."""
+    warnings = []
+    for name in cfg.engine:
+        engine = ENGINES[name]
+        stats = [meta.get(u.name) for u in units if u.engine == name]
+        if not engine.searches or not stats or None in stats or any(st.get("found", 0) for st in stats):
+            continue
+        queries = len({(u.label, u.query) for u in units if u.engine == name})
+        warnings.append(f"engine {name} found no results for any of its {queries} queries; likely cause: "
+                        f"{engine.no_results_hint}")
+        logger.warning(warnings[-1])
+    return warnings
+
+
 def run_crawl(cfg: CrawlConfig) -> dict:
-    """Crawl, resume-safe, and return (and write to OUT/crawl_summary.json) the summary."""
+    """Crawl, resume-safe, and return (and write to OUT/crawl_summary.json) the summary.
+
+    Everything that can fail on bad input (options, lists, columns, the local engine's folder) is
+    checked and planned before OUT is touched: a failed command leaves a finished dataset finished."""
     cfg.validate()
     t0 = time.monotonic()
     out = cfg.out
     units_root = storage.join(out, UNITS_DIR)
+    plan = plan_crawl(cfg)
+    units = plan.units
+    server = None
+    if "local" in cfg.engine:  # indexes its folder now: a bad folder fails before OUT is touched
+        server = LocalSearchServer(cfg.local_root, {q: c for c, qs in cfg.queries().items() for q in qs})
+    done = set(shards.shard_names(units_root))
+    if cfg.dry_run:
+        return dry_run(cfg, plan, done, time.monotonic() - t0)
     storage.makedirs(units_root)
     storage.remove_stale_temps(units_root)
     storage.remove_stale_temps(out)
+    save_ledgers(storage.join(out, LISTS_DIR), plan.lists)
     storage.delete(storage.join(out, shards.DATASET_FILE))  # "finished" again only when this run finishes
-    units = plan_units(cfg)
-    done = set(shards.shard_names(units_root))
     todo = [u for u in units if u.name not in done]
     logger.info("crawl: %d units, %d already done", len(units), len(units) - len(todo))
-    server = None
-    local_base = None
-    if "local" in cfg.engine:
-        server = LocalSearchServer(cfg.local_root, {q: c for c, qs in cfg.queries().items() for q in qs})
-        local_base = server.start()
+    local_base = server.start() if server is not None else None
     try:
         records, failures = _run_units(cfg, todo, units_root, local_base)
     finally:
@@ -383,6 +462,7 @@ def run_crawl(cfg: CrawlConfig) -> dict:
     per_class = Counter(label for labels in manifest.column("labels").to_pylist() for label in labels)
     classes += sorted(set(per_class) - set(classes))
     accepted_now = sum(r.get("accepted", 0) for r in records if not r.get("resumed"))
+    warnings = _engines_without_results(cfg, units, meta)
     summary = {
         "out": out, "engines": list(cfg.engine), "classes": classes,
         "units": len(units), "units_run": sum(1 for r in records if not r.get("resumed")),
@@ -393,6 +473,7 @@ def run_crawl(cfg: CrawlConfig) -> dict:
         "seconds": round(time.monotonic() - t0, 3),
         "images_per_second": round(accepted_now / crawl_seconds, 2) if crawl_seconds > 0 else None,
         "by_engine_class": _summarize(unit_stats, dropped, meta),
+        **({"url_lists": _list_status(plan)} if plan.lists else {}), "warnings": warnings,
         "config": {k: v for k, v in asdict(cfg).items()},
     }
     storage.write_json_atomic(storage.join(out, SUMMARY_FILE), summary)

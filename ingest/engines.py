@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 from urllib.parse import quote_plus
 
@@ -27,34 +27,40 @@ from icrawler.utils import CachedQueue
 
 from maskless.ingest.downloader import MasklessDownloader, UnitSink
 from maskless.ingest.local_engine import PAGE_SIZE
+from maskless.ingest.reader import ListSlice
 from maskless.ingest.safety import SafeAdapter
 
 FLICKR_SIZES = ["large", "medium 800", "medium 640", "large 1600", "original", "medium"]
+FLICKR_PAGE = 100  # results per Flickr search page we ask for (the API allows up to 500)
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One work unit. `rows` (urls engine only) are (url, labels) pairs, carried in the task."""
+    """One work unit. A URL-list unit carries a reference to its rows (`source`, read by the task),
+    never the rows themselves: the driver's memory grows with the units, not with the URLs."""
 
     engine: str
     label: str          # the class of a search query; "" for url lists (labels per row)
-    query: str
+    query: str          # a search query, a site, or a URL list's file name
     window: int
     offset: int
-    count: int
-    rows: tuple = field(default=(), compare=False, repr=False)
+    count: int          # results to keep; 0: every row of the list slice
+    source: Optional[ListSlice] = None
 
     @property
     def name(self) -> str:
         ident = "\n".join([self.engine, self.label, self.query, str(self.offset), str(self.count)]
-                          + [u + "\t" + ",".join(ls) for u, ls in self.rows])
+                          + ([self.source.ident()] if self.source is not None else []))
         digest = hashlib.sha1(ident.encode()).hexdigest()[:10]
         slug = re.sub(r"[^A-Za-z0-9]+", "_", self.label or self.query)[:24].strip("_") or "list"
         return f"{self.engine}-{slug}-{digest}-w{self.window:05d}"
 
     def describe(self) -> dict:
-        return {"engine": self.engine, "class": self.label, "query": self.query, "window": self.window,
+        info = {"engine": self.engine, "class": self.label, "query": self.query, "window": self.window,
                 "offset": self.offset, "count": self.count, "name": self.name}
+        if self.source is not None:
+            info["list"] = self.source.describe()
+        return info
 
 
 class LocalBingFeeder(BingFeeder):
@@ -66,12 +72,18 @@ class LocalBingFeeder(BingFeeder):
 
 
 class FlickrPageFeeder(FlickrFeeder):
-    """One Flickr search page per unit (icrawler's feeder walks up to 40 pages, overlapping windows)."""
+    """The Flickr search pages holding one unit's results [offset, offset + count), found by offset
+    (icrawler's feeder walks up to 40 pages from the first). Pages are FLICKR_PAGE results long and
+    the planner aligns windows to them, so a short last window asks the right page (issue #15)."""
 
-    def feed(self, apikey, text, page, per_page):
-        self.out_queue.put("https://api.flickr.com/services/rest/?method=flickr.photos.search"
-                           f"&api_key={apikey}&format=json&nojsoncallback=1&text={quote_plus(text)}"
-                           f"&page={page}&per_page={per_page}")
+    def feed(self, apikey, text, offset, count, per_page=None):
+        per_page = per_page or FLICKR_PAGE
+        if offset % per_page:
+            raise ValueError(f"Flickr window offset {offset} is not a multiple of its page size {per_page}")
+        for page in range(offset // per_page, (offset + count + per_page - 1) // per_page):
+            self.out_queue.put("https://api.flickr.com/services/rest/?method=flickr.photos.search"
+                               f"&api_key={apikey}&format=json&nojsoncallback=1&text={quote_plus(text)}"
+                               f"&page={page + 1}&per_page={per_page}")
 
 
 class TolerantGoogleParser(GoogleParser):
@@ -105,7 +117,7 @@ class PoliteGreedyParser(GreedyParser):
             yield task
 
 
-def _window(unit: Unit, local_base: str | None) -> dict:
+def _window(unit: Unit, local_base: str | None, rows: list) -> dict:
     return dict(keyword=unit.query, offset=unit.offset, max_num=unit.count)
 
 
@@ -114,9 +126,9 @@ def _site(unit: Unit) -> dict:
     return dict(domains=[site.rstrip("/")])
 
 
-def _flickr_page(unit: Unit, local_base: str | None) -> dict:
-    return dict(apikey=os.environ.get("FLICKR_APIKEY", ""), text=unit.query, page=unit.window + 1,
-                per_page=unit.count)
+def _flickr_page(unit: Unit, local_base: str | None, rows: list) -> dict:
+    return dict(apikey=os.environ.get("FLICKR_APIKEY", ""), text=unit.query, offset=unit.offset, count=unit.count,
+                per_page=FLICKR_PAGE)
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,8 @@ class Engine:
     name: str
     feeder: type
     parser: type
-    feeder_kwargs: Callable[[Unit, Optional[str]], dict]  # (unit, local engine base URL) -> feeder.start kwargs
+    # (unit, local engine base URL, the rows of a URL-list slice) -> feeder.start kwargs
+    feeder_kwargs: Callable[[Unit, Optional[str], list], dict]
     parser_kwargs: Callable[[Unit], dict] = lambda unit: {}
     page_size: int = 1                 # results per result page: a unit's window is a multiple of it
     result_cap: int = 1_000_000        # most results the engine serves per query
@@ -136,20 +149,26 @@ class Engine:
     needs_option: Optional[str] = None  # a CrawlConfig field that must be set
     needs_env: Optional[str] = None     # an environment variable that must be set
     needs_help: str = ""
+    no_results_hint: str = "the engine may refuse this machine or have changed its result pages"
 
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
     Engine("bing", BingFeeder, BingParser, _window, page_size=PAGE_SIZE, result_cap=1000),
     Engine("baidu", BaiduFeeder, BaiduParser, _window, page_size=30, result_cap=1000),
-    Engine("google", GoogleFeeder, TolerantGoogleParser, _window, page_size=100, result_cap=1000),
+    Engine("google", GoogleFeeder, TolerantGoogleParser, _window, page_size=100, result_cap=1000,
+           no_results_hint="icrawler 0.6.10's Google parser no longer matches Google's result pages "
+                           "(icrawler issue #135); use bing, baidu or flickr"),
     Engine("flickr", FlickrPageFeeder, FlickrParser, _flickr_page,
            lambda unit: dict(apikey=os.environ.get("FLICKR_APIKEY", ""), size_preference=FLICKR_SIZES),
-           result_cap=4000, needs_env="FLICKR_APIKEY", needs_help="the FLICKR_APIKEY environment variable"),
-    Engine("greedy", PoliteGreedyFeeder, PoliteGreedyParser, lambda unit, base: _site(unit),
+           page_size=FLICKR_PAGE, result_cap=4000, needs_env="FLICKR_APIKEY",
+           needs_help="the FLICKR_APIKEY environment variable"),
+    Engine("greedy", PoliteGreedyFeeder, PoliteGreedyParser, lambda unit, base, rows: _site(unit),
            lambda unit: _site(unit), paged=False),
-    Engine("urls", UrlListFeeder, PseudoParser, lambda unit, base: dict(url_list=[u for u, _ in unit.rows]),
-           searches=False, needs_option="urls", needs_help="--urls FILE (CSV url,label[,label...] or parquet)"),
-    Engine("local", LocalBingFeeder, BingParser, lambda unit, base: {**_window(unit, base), "base_url": base},
+    Engine("urls", UrlListFeeder, PseudoParser, lambda unit, base, rows: dict(url_list=[u for u, _ in rows]),
+           searches=False, needs_option="urls",
+           needs_help="--urls (URL list files, folders or globs: CSV, TSV, TXT, JSON lines, parquet)"),
+    Engine("local", LocalBingFeeder, BingParser,
+           lambda unit, base, rows: {**_window(unit, base, rows), "base_url": base},
            page_size=PAGE_SIZE, needs_option="local_root",
            needs_help="--local-root (class subfolders, or a world from `maskless world`)"),
 )}
@@ -173,10 +192,17 @@ def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSi
     """Drive icrawler's feeder and parser with our downloader for one unit; returns what it got."""
     engine = ENGINES[unit.engine]
     feeder_cls, parser_cls = engine.feeder, engine.parser
-    feeder_kw, parser_kw = engine.feeder_kwargs(unit, local_base), engine.parser_kwargs(unit)
     sink = UnitSink()
+    rows: list = []
+    if unit.source is not None:  # a URL list's slice, read here in the task (ListReadError fails the unit)
+        rows, rejects = unit.source.read()
+        for where, reason in rejects:
+            sink.reject(where, reason)
+        if not rows:  # icrawler's list feeder raises on an empty list
+            return sink
+    feeder_kw, parser_kw = engine.feeder_kwargs(unit, local_base, rows), engine.parser_kwargs(unit)
     by_url: dict[str, set] = {}
-    for url, labels in unit.rows:
+    for url, labels in rows:
         by_url.setdefault(url, set()).update(labels)
 
     def labels_for(url: str) -> list[str]:

@@ -138,7 +138,7 @@ def _run_stage(cmd: StageCommand, args: argparse.Namespace) -> dict:
     cls, run = _load_stage(cmd)
     section = config.load_yaml(args.config).get(cmd.section, {}) if args.config else {}
     cfg = config.absolute_paths(config.build(cls, section, args))
-    if cmd.needs_ray:
+    if cmd.needs_ray and not getattr(cfg, "dry_run", False):  # a dry run only plans
         from maskless.ray_runtime import init_ray
 
         init_ray(args.address, args.num_cpus, args.verbose)

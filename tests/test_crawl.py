@@ -1,4 +1,5 @@
 """Crawl tests, all on loopback against servers defined here (no traffic leaves 127.0.0.1)."""
+import dataclasses
 import html
 import io
 import json
@@ -286,8 +287,8 @@ def test_every_engine_declaration_plans_units_its_icrawler_parts_accept(tmp_path
         cfg.validate()
         units = plan_units(cfg)
         monkeypatch.delenv("FLICKR_APIKEY")
-        if not engine.searches:
-            assert [u.count for u in units] == [2]
+        if not engine.searches:  # one unit holding both rows, read by the task
+            assert [len(u.source.read()[0]) for u in units] == [2]
         elif not engine.paged:
             assert [(u.offset, u.count) for u in units] == [(0, 250)]
         else:
@@ -295,7 +296,8 @@ def test_every_engine_declaration_plans_units_its_icrawler_parts_accept(tmp_path
             assert all(u.offset % engine.page_size == 0 for u in units)
         for u in units:
             feed = inspect.signature(engine.feeder.feed)
-            feed.bind(None, **engine.feeder_kwargs(u, "http://127.0.0.1:1"))
+            rows = u.source.read()[0] if u.source is not None else []
+            feed.bind(None, **engine.feeder_kwargs(u, "http://127.0.0.1:1", rows))
             parse = inspect.signature(engine.parser.parse)
             parse.bind(None, None, **engine.parser_kwargs(u))
 
@@ -541,9 +543,9 @@ def test_a_unit_keeps_the_first_results_of_its_window_whatever_finishes_first(se
         time.sleep(1.0)
         return 200, jpg, bodies[1]
     srv = serve({**{f"/i{i}.jpg": (200, jpg, b) for i, b in enumerate(bodies)}, "/i1.jpg": slow})
-    rows = tuple((f"{srv.url}/i{i}.jpg", ("thing",)) for i in range(8))
-    unit = Unit("urls", "", "list", 0, 0, 5, rows)  # a window of 5 over 8 results
-    cfg = fast_config(tmp_path)
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", [(f"{srv.url}/i{i}.jpg", "thing") for i in range(8)]))
+    (whole,) = plan_units(cfg)
+    unit = dataclasses.replace(whole, count=5)  # a window of 5 over 8 results
     units_root = str(tmp_path / "units")
     record = crawl_unit(unit, _options(cfg), units_root, None)
     kept = sorted(s.meta["url"] for s in shards.read_shard(storage.join(units_root, unit.name + ".tar")))
