@@ -342,6 +342,54 @@ def test_crawl_job_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster, t
     assert redone_elsewhere("crawl_unit", victim), "a unit cut off by the lost node was redone"
 
 
+def test_crawl_of_a_folder_of_parquet_lists_on_s3_runs_on_every_worker(cluster, s3, tmp_path):
+    """URL lists at web scale on a cluster: a folder of parquet lists in the (moto) S3 bucket, planned on
+    the driver from the files' footers alone, each unit's rows read from S3 by the worker that runs it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from maskless.ingest.crawl import CrawlConfig, plan_units, run_crawl
+    from maskless.ingest.local_engine import LocalSearchServer
+    from maskless.ingest.validator import clean_image
+    from maskless.ingest.world import make_world
+
+    cluster.ensure_workers(2)
+    world = str(tmp_path / "world")
+    make_world(world, classes=2, images=24, seed=11, size=64)
+    server = LocalSearchServer(world)
+    base = server.start()
+    try:
+        rows, expected = [], {}
+        for label, paths in server.index.items():  # an image with both classes is listed under each
+            for i, path in enumerate(paths):
+                rows.append((f"{base}/img/{label}/{i}.jpg", label))
+                with open(path, "rb") as f:
+                    key = clean_image(f.read(), image_size=512, quality=90, min_size=16).sha256[:24]
+                expected.setdefault(key, set()).add(label)
+        for k in range(3):
+            part = rows[k::3]
+            buf = pa.BufferOutputStream()
+            pq.write_table(pa.table({"url": [u for u, _ in part], "label": [lb for _, lb in part]}), buf,
+                           row_group_size=4)
+            storage.write_bytes_atomic(f"{s3}/lists/part-{k}.parquet", buf.getvalue().to_pybytes())
+        storage.write_bytes_atomic(f"{s3}/lists/_SUCCESS", b"")
+        cfg = CrawlConfig(engine=["urls"], urls=[f"{s3}/lists"], out=str(tmp_path / "crawl"), shard_size=4,
+                          allow_private=True, per_host_rps=0, min_size=16, threads=4, workers=4, task_cpus=0.5,
+                          near_dup_bits=-1, progress=False, timeout=5.0)
+        units = plan_units(cfg)
+        assert len(units) == sum(-(-len(rows[k::3]) // 4) for k in range(3)) >= 8
+        since = time.time_ns()
+        summary = run_crawl(cfg)
+    finally:
+        server.stop()
+    got = Counter(s.key for s in shards.read_dataset(cfg.out))
+    assert set(got.values()) == {1} and {s.key: set(s.labels) for s in shards.read_dataset(cfg.out)} == expected
+    assert summary["units_failed"] == [] and summary["units_run"] == len(units)
+    assert summary["by_engine_class"]["urls/(list)"]["found"] == len(rows)  # every row read, by some worker
+    nodes = {a.node for a in attempts("crawl_unit") if a.started >= since and "FINISHED" in a.states}
+    assert nodes == {n.node_id for n in cluster.workers()}, "units finished on every worker"
+
+
 @pytest.fixture(scope="module")
 def pseudo_inputs(s3, tmp_path_factory):
     """Input shards (one image each) of a small world, in the S3 bucket, and an untrained tiny
