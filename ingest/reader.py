@@ -2,8 +2,8 @@
 
 A web-scale list (LAION-style: 10^8 rows in many CSV/parquet files) must never pass through the
 driver. The driver only lists the files, reads each text file's first HEAD_BYTES (header, columns,
-mean row length) or each parquet file's footer, and plans slices: a parquet row group window, or a
-byte range of a text file. A task reads its own slice; text ranges follow the usual split-at-newline
+mean row length) or each parquet file's footer, and plans slices: a window of a parquet file's rows,
+or a byte range of a text file. A task reads its own slice; text ranges follow the usual split-at-newline
 rule (a range owns every line that starts inside it), so every row lands in exactly one slice
 whatever the cut. Each file's planned extent is kept in OUT/_lists (one small JSON per file): a
 file that grew by appended rows keeps its earlier slices (and so its committed units) and gets new
@@ -153,14 +153,17 @@ class ListSlice:
             if not isinstance(obj, dict) or not isinstance(obj.get(c.url), str):
                 return None
             return obj[c.url].strip(), self._labels(obj.get(c.label) if c.label is not None else None)
-        cells = next(csv.reader([line], delimiter=DELIMITERS[self.format]))
+        try:
+            cells = next(csv.reader([line], delimiter=DELIMITERS[self.format]))
+        except csv.Error:  # a NUL byte, say
+            return None
         if not isinstance(c.url, int) or c.url >= len(cells):
             return None
         value = cells[c.label] if isinstance(c.label, int) and c.label < len(cells) else None
         more = cells[c.more_labels_from:] if c.more_labels_from else []
         return cells[c.url].strip(), self._labels(value, more)
 
-    def _labels(self, value, more: list[str] = ()) -> tuple[str, ...]:
+    def _labels(self, value, more: tuple | list = ()) -> tuple[str, ...]:
         c = self.columns
         if c.label is None:
             return (c.fixed_label,)
@@ -485,6 +488,8 @@ def _text_layout(file: ListFile, head: bytes, options: ListOptions) -> tuple[Col
             raise ValueError(f"URL list {file.path}: its first {len(head)} bytes hold no row")
         return Columns(0, None, fixed), len(head)  # no rows at all: nothing to plan
     first_at, length = lines[0]
+    if length < 0 and file.size > len(head):
+        raise ValueError(f"URL list {file.path}: its first line is longer than {len(head)} bytes")
     raw = head[first_at:first_at + length if length > 0 else len(head)]
     try:
         first = raw.decode("utf-8-sig" if first_at == 0 else "utf-8").strip()

@@ -378,6 +378,8 @@ def test_crawl_of_a_folder_of_parquet_lists_on_s3_runs_on_every_worker(cluster, 
                           near_dup_bits=-1, progress=False, timeout=5.0)
         units = plan_units(cfg)
         assert len(units) == sum(-(-len(rows[k::3]) // 4) for k in range(3)) >= 8
+        by_glob = CrawlConfig(**{**cfg.__dict__, "urls": [f"{s3}/lists/part-*.parquet"]})
+        assert [u.name for u in plan_units(by_glob)] == [u.name for u in units]  # the same files, by a glob
         since = time.time_ns()
         summary = run_crawl(cfg)
     finally:

@@ -190,6 +190,12 @@ def test_crawl_of_a_folder_of_lists_gets_every_row_once_and_grows_by_new_units(r
     assert got == {**{u: sorted(ls) for u, ls in expected.items()}, urls[21]: ["horse"], urls[22]: ["horse"],
                    urls[23]: ["horse"], urls[24]: ["cat"]}
 
+    # a list rewritten in place is reported, and its new version crawled as new units
+    write_urls(folder / "more.csv", [(urls[25], "cat")])
+    changed = run_crawl(cfg)
+    assert changed["url_lists"]["changed"] == [str(folder / "more.csv")] and changed["units_run"] == 1
+    assert srv.hits["/25.jpg"] == 1
+
 
 def test_csv_header_after_blank_lines_and_columns_by_name(ray_local, serve, tmp_path):
     """Issue #14 item 9: a header after blank and comment lines is a header, and `label,url` maps by name."""
@@ -275,6 +281,8 @@ def test_bad_lists_are_clear_errors(tmp_path, monkeypatch, capsys):
     started.clear()
     assert cli.main(["crawl", "--engine", "urls", "--urls", uri, "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err and not started and not os.path.exists(tmp_path / "o")
+    assert [f.path for f in find_lists([str(tmp_path / "no*.*")])] == [str(tmp_path / n) for n in
+                                                                        ("nolabel.tsv", "nourl.csv", "nourl.jsonl")]
     # the names are options: the same lists read with their own columns
     ok = CrawlConfig(engine=["urls"], urls=str(tmp_path / "bad.parquet"), url_col="URL", label_col=["caption"])
     assert [u.source.read()[0] for u in plan_units(ok)] == [[("http://h.test/a.jpg", ("a cat",))]]
