@@ -53,7 +53,9 @@ class CrawlConfig:
     image_size: int = field(default=512, metadata={"help": "longest side of stored images (never upscaled)"})
     jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality of stored images"})
     timeout: float = field(default=10.0, metadata={"help": "seconds per request (connect/read)"})
-    shard_size: int = field(default=500, metadata={"help": "most samples per shard (= result window per unit)"})
+    shard_size: int = field(default=500, metadata={
+        "help": "most samples per shard (= result window per unit; URL lists: rows per unit, estimated beyond a "
+                "text list's first 64 KiB)"})
     out: str = field(default="data/crawl", metadata={"help": "output folder or URI"})
     urls: list[str] = field(default_factory=list, metadata={
         "help": "URL lists for --engine urls: files, folders or globs, local or URIs, in CSV, TSV, TXT (one URL "
