@@ -3,22 +3,29 @@ the one mask IoU every stage uses (pseudo-mask NMS, fidelity, evaluation)."""
 from __future__ import annotations
 
 import numpy as np
-from pycocotools import mask as mask_utils
+
+
+def _pyc_mask():
+    """pycocotools' mask module, imported on first use rather than at the top: the stages import this
+    module, and a bare GPU machine without pycocotools still runs their model-level code (bench/gpu.py)."""
+    from pycocotools import mask
+
+    return mask
 
 
 def encode(mask: np.ndarray) -> dict:
     """Binary HxW mask -> JSON-safe COCO RLE {"size": [h, w], "counts": str}."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle = _pyc_mask().encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def decode(rle: dict) -> np.ndarray:
     """COCO RLE (compressed string or uncompressed list counts) -> bool HxW mask."""
-    return mask_utils.decode(_to_pyc(rle)).astype(bool)
+    return _pyc_mask().decode(_to_pyc(rle)).astype(bool)
 
 
 def area(rle: dict) -> int:
-    return int(mask_utils.area(_to_pyc(rle)))
+    return int(_pyc_mask().area(_to_pyc(rle)))
 
 
 def areas(rles: list[dict]) -> np.ndarray:
@@ -27,11 +34,11 @@ def areas(rles: list[dict]) -> np.ndarray:
     if not rles:
         return np.zeros(0, np.int64)
     pyc = [_to_pyc(r) for r in rles]
-    return np.concatenate([mask_utils.area(pyc[i:i + 255]) for i in range(0, len(pyc), 255)]).astype(np.int64)
+    return np.concatenate([_pyc_mask().area(pyc[i:i + 255]) for i in range(0, len(pyc), 255)]).astype(np.int64)
 
 
 def bbox_xywh(rle: dict) -> list[float]:
-    return [float(v) for v in mask_utils.toBbox(_to_pyc(rle))]
+    return [float(v) for v in _pyc_mask().toBbox(_to_pyc(rle))]
 
 
 def intersections(dets: list[dict], gts: list[dict], area_d: np.ndarray | None = None) -> np.ndarray:
@@ -41,7 +48,7 @@ def intersections(dets: list[dict], gts: list[dict], area_d: np.ndarray | None =
         return np.zeros((len(dets), len(gts)), np.int64)
     d, g = [_to_pyc(r) for r in dets], [_to_pyc(r) for r in gts]
     area_d = areas(d) if area_d is None else area_d
-    return np.rint(np.asarray(mask_utils.iou(d, g, [1] * len(g))) * area_d[:, None]).astype(np.int64)
+    return np.rint(np.asarray(_pyc_mask().iou(d, g, [1] * len(g))) * area_d[:, None]).astype(np.int64)
 
 
 def iou_matrix(dets: list[dict], gts: list[dict], area_d: np.ndarray | None = None,
@@ -61,5 +68,5 @@ def _to_pyc(rle: dict) -> dict:
     counts = rle["counts"]
     h, w = rle["size"]
     if isinstance(counts, list):
-        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        return _pyc_mask().frPyObjects({"size": [h, w], "counts": counts}, h, w)
     return {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}

@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from maskless.core import storage
 
@@ -203,6 +202,8 @@ def write_chunks(items: list, root: str, prefix: str, shard_size: int, to_sample
     storage.makedirs(root)
     storage.remove_stale_temps(root)
     done = set(shard_names(root))
+    from tqdm import tqdm  # here, not at the top: the model-level stages import this module on a bare GPU machine
+
     written = skipped = 0
     chunks = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
     for index, chunk in enumerate(tqdm(chunks, desc=desc, unit="shard", disable=None)):

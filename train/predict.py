@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-from tqdm import tqdm
 
 from maskless.core import masks as rle
 from maskless.core import shards, storage
@@ -161,6 +160,8 @@ def run_predict(cfg: PredictConfig) -> dict:
     def done(name: str) -> bool:
         return storage.exists(storage.join(cfg.out, name + ".json")) and (
             not cfg.overlay or storage.exists(storage.join(cfg.out, name + ".png")))
+
+    from tqdm import tqdm  # here, not at the top: bench/gpu.py imports detect() on a bare GPU machine
 
     todo = [(f, n) for f, n in zip(files, names) if not done(n)]
     instances = 0
