@@ -277,13 +277,32 @@ def evaluate(model: PeakClassifier, loader, classes: list[str], device) -> dict[
     return out
 
 
-def _optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
+    """SGD with the backbone at lr x backbone_lr_scale and the head at lr (lc: a ClassifyConfig as a dict)."""
     scale = lc["backbone_lr_scale"]
     if scale is None:
         scale = 0.01 if model.frozen_bn else 1.0
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lc["lr"] * scale},
               {"params": list(model.head.parameters()), "lr": lc["lr"]}]
     return torch.optim.SGD(groups, lr=lc["lr"], momentum=lc["momentum"], weight_decay=lc["weight_decay"])
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               scaler: Optional[torch.amp.GradScaler] = None) -> torch.Tensor:
+    """One SGD step of the multi-label soft-margin loss; returns the detached loss. The stage trains in
+    fp32 (no scaler); with a scaler the forward runs under fp16 autocast and the loss is scaled, which
+    bench/gpu.py measures to see what mixed precision would give."""
+    with torch.autocast(x.device.type, enabled=scaler is not None):
+        loss = F.multilabel_soft_margin_loss(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.detach()
 
 
 def train_loop(lc: dict) -> None:
@@ -310,7 +329,7 @@ def train_loop(lc: dict) -> None:
     device = ray.train.torch.get_device()
     ddp = ray.train.torch.prepare_model(model)
     net: PeakClassifier = getattr(ddp, "module", ddp)
-    optimizer = _optimizer(net, lc)
+    optimizer = build_optimizer(net, lc)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     steps = lc["steps_per_epoch"] or max(1, math.ceil(lc["train_samples"] / (lc["batch_size"] * world)))
@@ -338,11 +357,8 @@ def train_loop(lc: dict) -> None:
         loss_sum = torch.zeros(2, device=device)
         for _ in range(steps):
             x, y = next(batches)
-            loss = F.multilabel_soft_margin_loss(ddp(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=device)])
+            loss = train_step(ddp, optimizer, x.to(device), y.to(device))
+            loss_sum += torch.stack([loss * len(x), torch.tensor(float(len(x)), device=device)])
         del batches, loader
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(loss_sum)
