@@ -3,7 +3,8 @@
 Each bench/NAME.py is a module that takes `--json PATH` and writes its result there: the figures
 (as `rows` of metric/value, see bench/common.py, or as plain JSON numbers), the machine and its
 settings. This runner executes them one after another (they measure throughput, so never in
-parallel) and prints their numbers as one table.
+parallel) and prints their numbers as one table. Where torch sees no CUDA device, the benchmarks
+of NEEDS_CUDA are skipped with one line each (not counted as failed).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+NEEDS_CUDA = {"gpu"}  # bench/gpu.py measures the CUDA paths; its CPU check is `python -m bench.gpu --device cpu --tiny`
 
 
 def available() -> list[str]:
@@ -34,14 +36,30 @@ def flatten(obj, prefix: str = "", depth: int = 3) -> list[tuple[str, object]]:
     return rows
 
 
-def run_benchmarks(only: str | None = None, out: str = "bench/out") -> dict:
-    names = available()
-    if not names:
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_benchmarks(only: str | None = None, out: str = "bench/out", names: list[str] | None = None) -> dict:
+    """Run the benchmarks named in `names` and `only` (comma-separated), or all of them; those that need
+    CUDA are skipped, with one line, where torch sees none."""
+    found = available()
+    if not found:
         raise FileNotFoundError(f"no benchmarks found in {BENCH_DIR} (bench/ ships with a source checkout)")
-    chosen = [n.strip() for n in only.split(",")] if only else names
-    unknown = set(chosen) - set(names)
+    chosen = list(names or []) + ([n.strip() for n in only.split(",")] if only else [])
+    chosen = list(dict.fromkeys(chosen)) or found
+    unknown = set(chosen) - set(found)
     if unknown:
-        raise ValueError(f"unknown benchmarks {', '.join(sorted(unknown))}; available: {', '.join(names)}")
+        raise ValueError(f"unknown benchmarks {', '.join(sorted(unknown))}; available: {', '.join(found)}")
+    skipped = {}
+    if NEEDS_CUDA & set(chosen) and not _has_cuda():
+        for name in sorted(NEEDS_CUDA & set(chosen)):
+            skipped[name] = "torch sees no CUDA device"
+            print(f"[maskless bench] {name} skipped: torch sees no CUDA device here "
+                  f"(`python -m bench.{name} --device cpu --tiny` checks it on a CPU)", flush=True)
+        chosen = [n for n in chosen if n not in skipped]
     os.makedirs(out, exist_ok=True)
     results, failed = {}, []
     for name in chosen:
@@ -62,4 +80,4 @@ def run_benchmarks(only: str | None = None, out: str = "bench/out") -> dict:
             print(f"| {name} | {key} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {key} | {value} |")
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
-    return {"out": out, "ran": sorted(results), "failed": failed}
+    return {"out": out, "ran": sorted(results), "failed": failed, "skipped": skipped}

@@ -122,6 +122,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (overrides the YAML's run.out)")
 
     p = sub.add_parser("bench", help=OTHER["bench"], description=OTHER["bench"])
+    p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run, e.g. gpu (default: all)")
     p.add_argument("--only", default=None, help="comma-separated benchmark names")
     p.add_argument("--out", default="bench/out", help="where each benchmark writes its JSON")
     p.add_argument("--verbose", action="store_true")
@@ -170,7 +171,7 @@ def dispatch(args: argparse.Namespace) -> dict:
     if args.command == "bench":
         from maskless.bench import run_benchmarks
 
-        return run_benchmarks(only=args.only, out=args.out)
+        return run_benchmarks(only=args.only, out=args.out, names=args.names)
     raise UsageError("no command given; see 'maskless --help'")
 
 
