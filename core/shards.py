@@ -21,6 +21,7 @@ import os
 import re
 import tarfile
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from maskless.core import storage
+from maskless.core import errors, storage
 
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"
@@ -191,12 +192,30 @@ def write_shards(samples: Iterable[Sample], root: str, prefix: str, max_count: i
     return infos
 
 
-def write_chunks(items: list, root: str, prefix: str, shard_size: int, to_sample: Callable[[Any], Sample],
-                 desc: str) -> tuple[int, int]:
+class InvalidSample(ValueError):
+    """Source data an importer cannot turn into a correct sample (an image that does not decode, a mask
+    that does not, a malformed annotation); `reason` is a short stats key. A ValueError, so the command
+    stops with exit 2 and this message, unless the import skips invalid items (`skip_invalid`)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+MAX_LISTED_SKIPS = 1000  # per shard; the counts by reason are always complete
+
+
+def write_chunks(items: list, root: str, prefix: str, shard_size: int,
+                 to_sample: Callable[[Any, Counter], Sample], desc: str, skip_invalid: bool = False,
+                 describe: Callable[[Any], str] = str) -> tuple[int, int]:
     """Write items as shards PREFIX-000000, ... of shard_size items each, skipping shards already complete.
 
     Shard i always holds the same items (for a fixed order and size), so a rerun after a kill writes only
-    the missing shards. Returns (shards written, shards skipped)."""
+    the missing shards. `to_sample(item, dropped)` gives an item's sample and counts in `dropped` what of
+    it was left out (e.g. empty instances); with skip_invalid an item raising InvalidSample is left out
+    too. Both are recorded in the shard's stats (`dropped`, `skipped`, `skipped_items`). Running out of
+    disk raises an OSError naming the shard and the item; complete shards stay. Returns (shards written,
+    shards skipped)."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
     storage.makedirs(root)
@@ -211,11 +230,39 @@ def write_chunks(items: list, root: str, prefix: str, shard_size: int, to_sample
         if name in done:
             skipped += 1
             continue
-        with ShardWriter(root, name) as w:
-            for item in chunk:
-                w.write(to_sample(item))
+        dropped, invalid, listed, item = Counter(), Counter(), [], None
+        try:
+            with ShardWriter(root, name) as w:
+                for item in chunk:
+                    try:
+                        sample = to_sample(item, dropped)
+                    except InvalidSample as e:
+                        if not skip_invalid:
+                            raise
+                        invalid[e.reason] += 1
+                        if len(listed) < MAX_LISTED_SKIPS:
+                            listed.append(str(e))
+                        continue
+                    w.write(sample)
+                item = None
+                w.commit({"dropped": dict(dropped), "skipped": dict(invalid), "skipped_items": listed})
+        except OSError as e:
+            if not errors.disk_full(e):
+                raise
+            at = f"at {describe(item)}" if item is not None else "committing it"
+            raise OSError(e.errno, f"no space left on device writing shard {name} of {root} ({at}): free "
+                                   f"space and rerun the same command; the {written + skipped} shards already "
+                                   f"complete are kept") from e
         written += 1
     return written, skipped
+
+
+def sum_stats(root: str, key: str) -> dict[str, int]:
+    """Counts under `key` (a dict of reason -> n) summed over every complete shard's stats."""
+    total: Counter = Counter()
+    for st in read_stats(root):
+        total.update(st.get(key) or {})
+    return dict(sorted(total.items()))
 
 
 def shard_names(root: str) -> list[str]:

@@ -43,6 +43,12 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_dir(uri: str) -> bool:
+    """A folder (on an object store: a prefix some object is under)."""
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
 def listdir(uri: str) -> list[str]:
     """Names (not paths) of the entries directly inside a folder; empty when it does not exist."""
     fs, path = resolve(uri)
@@ -92,10 +98,15 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.write(data)
         return
     tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)  # a full disk keeps no half-written file
+        raise OSError(e.errno, e.strerror, path) from e  # name the file the error is about
     os.replace(tmp, path)
 
 

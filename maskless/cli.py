@@ -1,6 +1,7 @@
 """The `maskless` command: one subcommand per stage, each a thin wrapper over the stage's config
 dataclass and run function. Options come from `--config FILE` (the stage's section of a run YAML)
-and from flags; flags win."""
+and from flags; flags win. Bad input and failures the user can act on (core/errors.py: a full disk,
+a run that kept its finished part) print `maskless: error: ...` and exit 2, without a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from maskless import __version__, config
+from maskless.core import errors
 
 log = logging.getLogger("maskless")
 
@@ -114,6 +116,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--shard-size", type=int, default=500)
     for k in (v, c):
+        k.add_argument("--skip-invalid", action="store_true",
+                       help="leave out images whose file, mask or annotation is broken, and count them "
+                            "(default: stop at the first, naming it)")
         k.add_argument("--verbose", action="store_true")
 
     p = sub.add_parser("run", help=OTHER["run"], description=OTHER["run"])
@@ -159,10 +164,12 @@ def dispatch(args: argparse.Namespace) -> dict:
         if args.kind == "voc":
             from maskless.ingest.voc import import_voc
 
-            return import_voc(args.root, args.out, split=args.split, shard_size=args.shard_size)
+            return import_voc(args.root, args.out, split=args.split, shard_size=args.shard_size,
+                              skip_invalid=args.skip_invalid)
         from maskless.ingest.coco import import_coco
 
-        return import_coco(args.annotations, args.images, args.out, shard_size=args.shard_size)
+        return import_coco(args.annotations, args.images, args.out, shard_size=args.shard_size,
+                           skip_invalid=args.skip_invalid)
     if args.command == "run":
         from maskless.run import run_pipeline
 
@@ -189,8 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"maskless: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            errors.IncompleteRun) as e:
         print(f"maskless: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not errors.disk_full(e):
+            raise
+        hint = "" if "rerun" in str(e) else ("\nmaskless: free space and rerun the same command: what was "
+                                             "already written is kept and not redone")
+        print(f"maskless: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("maskless: interrupted; rerun the same command to finish the rest", file=sys.stderr)

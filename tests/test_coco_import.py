@@ -104,7 +104,7 @@ def test_coco_bad_inputs_are_clear(tiny_coco, tmp_path):
     coco["images"] = coco["images"] + [{"id": 99, "file_name": "gone.jpg", "width": 64, "height": 48}]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(coco))
-    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+    with pytest.raises(shards.InvalidSample, match="image 99 .gone.jpg.*--skip-invalid"):  # a ValueError: exit 2
         import_coco(str(bad), tiny_coco["images"], str(tmp_path / "o2"), shard_size=10)
     assert shards.shard_names(str(tmp_path / "o2")) == []  # the failed shard left nothing that reads as complete
     bad.write_text(json.dumps({"images": []}))
