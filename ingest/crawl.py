@@ -25,7 +25,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from maskless.core import resources, shards, storage
+from maskless.core import errors, resources, shards, storage
 from maskless.ingest.dedup import decide
 from maskless.ingest.engines import ENGINES, Unit, run_unit
 from maskless.ingest.local_engine import LocalSearchServer
@@ -52,7 +52,9 @@ class CrawlConfig:
     images_per_query: int = field(default=100, metadata={"help": "search results to fetch per query"})
     image_size: int = field(default=512, metadata={"help": "longest side of stored images (never upscaled)"})
     jpeg_quality: int = field(default=90, metadata={"help": "JPEG quality of stored images"})
-    timeout: float = field(default=10.0, metadata={"help": "seconds per request (connect/read)"})
+    timeout: float = field(default=10.0, metadata={"help": "seconds per connect and per socket read"})
+    request_deadline: float = field(default=30.0, metadata={
+        "help": "seconds per request in all: connect, headers, whole body and redirects (a timeout)"})
     shard_size: int = field(default=500, metadata={
         "help": "most samples per shard (= result window per unit; URL lists: rows per unit, estimated beyond a "
                 "text list's first 64 KiB)"})
@@ -79,6 +81,8 @@ class CrawlConfig:
     min_size: int = field(default=64, metadata={"help": "reject images whose shorter side is smaller"})
     max_pixels: int = field(default=40_000_000, metadata={"help": "reject images with more pixels (bombs)"})
     max_bytes: int = field(default=20_000_000, metadata={"help": "reject downloads larger than this"})
+    decode_pixels: int = field(default=40_000_000, metadata={
+        "help": "decoded pixels in flight per task, all its threads together (bounds decode memory)"})
     per_host_concurrency: int = field(default=4, metadata={"help": "concurrent requests per host, per task"})
     per_host_rps: float = field(default=5.0, metadata={"help": "request starts per second per host, for the whole crawl (0: no limit)"})
     retries: int = field(default=2, metadata={"help": "retries on 429, 5xx, timeouts and connection errors"})
@@ -135,12 +139,12 @@ class CrawlConfig:
             if (e.needs_option and not getattr(self, e.needs_option)) or (e.needs_env and not os.environ.get(e.needs_env)):
                 raise ValueError(f"engine {e.name} needs {e.needs_help}")
         for name in ("images_per_query", "image_size", "shard_size", "threads", "workers",
-                     "per_host_concurrency", "max_bytes", "max_pixels", "min_size"):
+                     "per_host_concurrency", "max_bytes", "max_pixels", "min_size", "decode_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        for name in ("timeout", "task_cpus", "unit_idle_timeout"):
+        for name in ("timeout", "request_deadline", "task_cpus", "unit_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if min(self.retries, self.backoff, self.per_host_rps, self.max_redirects, self.max_crawl_delay) < 0:
@@ -217,17 +221,24 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
         "rejected": dict(sink.rejected), "rejects": sink.rejects,
         "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(),
     }
-    with shards.ShardWriter(units_root, unit.name) as writer:
-        for key in keys:
-            writer.write(sink.samples[key])
-        info = writer.commit(stats)
+    try:
+        with shards.ShardWriter(units_root, unit.name) as writer:
+            for key in keys:
+                writer.write(sink.samples[key])
+            info = writer.commit(stats)
+    except OSError as e:
+        if not errors.disk_full(e):
+            raise
+        raise OSError(e.errno, f"no space left on device writing unit {unit.name} into {units_root}: free "
+                               f"space and rerun the same command (units already written are kept)") from e
     return {**info, "resumed": False}
 
 
 def _options(cfg: CrawlConfig) -> dict:
-    keys = ("image_size", "jpeg_quality", "timeout", "min_size", "max_pixels", "max_bytes", "per_host_concurrency",
-            "per_host_rps", "retries", "backoff", "max_backoff", "max_redirects", "user_agent", "respect_noai",
-            "respect_robots", "max_crawl_delay", "threads", "allow_private", "unit_idle_timeout")
+    keys = ("image_size", "jpeg_quality", "timeout", "request_deadline", "min_size", "max_pixels", "max_bytes",
+            "decode_pixels", "per_host_concurrency", "per_host_rps", "retries", "backoff", "max_backoff",
+            "max_redirects", "user_agent", "respect_noai", "respect_robots", "max_crawl_delay", "threads",
+            "allow_private", "unit_idle_timeout")
     return {**{k: getattr(cfg, k) for k in keys}, "robots_store": storage.join(cfg.out, ROBOTS_DIR)}
 
 
@@ -256,8 +267,9 @@ def _run_units(cfg: CrawlConfig, units: list[Unit], units_root: str, local_base:
                 try:
                     rec = ray.get(ref)
                 except Exception as e:  # one bad unit must not lose the others' work
-                    logger.error("unit %s failed: %s", u.name, e)
-                    failures.append({"unit": u.name, "error": str(e).splitlines()[-1] if str(e) else repr(e)})
+                    error = str(e).splitlines()[-1] if str(e) else repr(e)  # the cause, not the remote traceback
+                    logger.error("unit %s failed: %s", u.name, error)
+                    failures.append({"unit": u.name, "error": error})
                 else:
                     records.append(rec)
                     accepted += rec.get("accepted", 0)
@@ -480,9 +492,9 @@ def run_crawl(cfg: CrawlConfig) -> dict:
     }
     storage.write_json_atomic(storage.join(out, SUMMARY_FILE), summary)
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(units)} crawl units failed ({failures[0]['error']}); "
-                           f"the rest are saved: rerun the same command to retry only those "
-                           f"(details in {storage.join(out, SUMMARY_FILE)})")
+        raise errors.IncompleteRun(f"{len(failures)} of {len(units)} crawl units failed (unit {failures[0]['unit']}: "
+                                   f"{failures[0]['error']}); the rest are saved: rerun the same command to "
+                                   f"retry only those (details in {storage.join(out, SUMMARY_FILE)})")
     shards.write_dataset_info(out, classes, stage="crawl", engines=list(cfg.engine),
                               samples_per_class=summary["samples_per_class"])
     return summary

@@ -18,18 +18,21 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Callable
 from urllib.parse import urlsplit
 
 import requests
 from icrawler import ImageDownloader
 from icrawler.storage import BaseStorage
+from urllib3.exceptions import NameResolutionError
 
+from maskless.ingest.deadline import Deadlines
 from maskless.ingest.pacer import LocalPacer, SharedPacer
 from maskless.ingest.robots import RobotsCache, RobotsStore, site_of
 from maskless.ingest.safety import RefusedAddress
 from maskless.core.shards import Sample
-from maskless.ingest.validator import Rejected, clean_image
+from maskless.ingest.validator import PixelBudget, Rejected, clean_image
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +86,25 @@ class HostLimiter:
             yield
 
 
-def fetch(session: requests.Session, url: str, *, timeout: float, max_bytes: int, retries: int,
-          backoff: float, max_backoff: float, respect_noai: bool, limiter: HostLimiter,
+def fetch(session: requests.Session, url: str, *, timeout: float, deadlines: Deadlines, max_bytes: int,
+          retries: int, backoff: float, max_backoff: float, respect_noai: bool, limiter: HostLimiter,
           agent: str = AGENT, html_ok: bool = False,
           sleep: Callable[[float], None] = time.sleep) -> tuple[bytes, str]:
     """GET an image body (any body with html_ok); (bytes, final url) or Rejected with the reason of
-    the last attempt."""
+    the last attempt. `timeout` bounds each connect and read; each attempt, redirects included, ends
+    by its deadline from `deadlines` (deadline.py)."""
     host = urlsplit(url).hostname or ""
     attempt = 0
     while True:
         retry_after = 0.0
         try:
-            with limiter.slot(host):
-                return _get_once(session, url, timeout, max_bytes, respect_noai, agent, html_ok)
+            with limiter.slot(host), deadlines.request() as d:
+                try:
+                    return _get_once(session, url, timeout, max_bytes, respect_noai, agent, html_ok, d)
+                except requests.RequestException:
+                    if d.expired:
+                        raise requests.Timeout(f"not complete after {d.seconds:.1f} s") from None
+                    raise
         except _Retryable as e:
             reason, retry_after = e.reason, e.retry_after
         except RefusedAddress as e:
@@ -105,14 +114,33 @@ def fetch(session: requests.Session, url: str, *, timeout: float, max_bytes: int
         except requests.Timeout:
             reason = "timeout"
         except requests.ConnectionError as e:
-            reason = "timeout" if "timed out" in str(e).lower() else "connection_error"
+            if _caused_by(e, NameResolutionError):
+                reason = "dns_error"
+            else:
+                reason = "timeout" if "timed out" in str(e).lower() else "connection_error"
         except requests.RequestException as e:
             raise Rejected("bad_url", str(e)) from None
         if attempt >= retries:
             raise Rejected(reason)
-        delay = min(max_backoff, max(retry_after, backoff * 2 ** attempt))
-        sleep(delay * random.uniform(0.8, 1.2))
+        delay = backoff * 2 ** attempt * random.uniform(0.8, 1.2)
+        sleep(min(max_backoff, max(retry_after, delay)))  # Retry-After is a floor, max_backoff the cap
         attempt += 1
+
+
+def _caused_by(e: BaseException, kind: type) -> bool:
+    """True when `kind` is somewhere in e's chain: requests wraps urllib3's errors in args and .reason."""
+    seen = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, kind):
+            return True
+        todo += [x.__cause__, x.__context__, getattr(x, "reason", None)]
+        todo += [a for a in getattr(x, "args", ()) if isinstance(a, BaseException)]
+    return False
 
 
 class _Retryable(Exception):
@@ -121,36 +149,49 @@ class _Retryable(Exception):
         self.reason, self.retry_after = reason, retry_after
 
 
-def _retry_after(value: str | None) -> float:
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float:
+    """Seconds a Retry-After header asks for: delay-seconds or an HTTP date (RFC 9110 10.2.3);
+    0 when absent, unreadable or past."""
+    if not value:
+        return 0.0
     try:
-        return max(0.0, float(value)) if value else 0.0
+        return max(0.0, float(value))  # delay-seconds (fractions accepted)
     except ValueError:
-        return 0.0  # an HTTP date: fall back to our own backoff
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    if when.tzinfo is None:  # an HTTP date is GMT; parsedate gives naive for "-0000"
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
-def _get_once(session, url, timeout, max_bytes, respect_noai, agent, html_ok) -> tuple[bytes, str]:
-    start = time.monotonic()
+def _get_once(session, url, timeout, max_bytes, respect_noai, agent, html_ok, d) -> tuple[bytes, str]:
     with session.get(url, timeout=timeout, stream=True) as resp:
-        status = resp.status_code
-        if status == 429 or status >= 500:
-            raise _Retryable(f"http_{status}", _retry_after(resp.headers.get("Retry-After")))
-        if status != 200:
-            raise Rejected(f"http_{status}")
-        if respect_noai and robots_opt_out(resp.headers.get("X-Robots-Tag"), agent):
-            raise Rejected("noai", "X-Robots-Tag opts out of AI use")
-        if not html_ok and resp.headers.get("Content-Type", "").lower().startswith("text/html"):
-            raise Rejected("not_image", "Content-Type text/html")
-        length = resp.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > max_bytes:
-            raise Rejected("too_large", f"Content-Length {length} > {max_bytes}")
-        chunks, size = [], 0
-        for chunk in resp.iter_content(65536):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > max_bytes:
-                raise Rejected("too_large", f"more than {max_bytes} bytes")
-            if time.monotonic() - start > 3 * timeout:  # a server trickling bytes past any read timeout
-                raise requests.Timeout(f"body not complete after {3 * timeout:.1f} s")
+        try:
+            status = resp.status_code
+            if status == 429 or status >= 500:
+                raise _Retryable(f"http_{status}", retry_after_seconds(resp.headers.get("Retry-After")))
+            if status != 200:
+                raise Rejected(f"http_{status}")
+            if respect_noai and robots_opt_out(resp.headers.get("X-Robots-Tag"), agent):
+                raise Rejected("noai", "X-Robots-Tag opts out of AI use")
+            if not html_ok and resp.headers.get("Content-Type", "").lower().startswith("text/html"):
+                raise Rejected("not_image", "Content-Type text/html")
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise Rejected("too_large", f"Content-Length {length} > {max_bytes}")
+            chunks, size = [], 0
+            for chunk in resp.iter_content(65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise Rejected("too_large", f"more than {max_bytes} bytes")
+        finally:
+            d.disarm()  # before the response goes back to the pool
+        if d.expired:  # the deadline shut the socket: what was read may look complete but is cut
+            raise requests.Timeout(f"not complete after {d.seconds:.1f} s")
         return b"".join(chunks), resp.url
 
 
@@ -220,6 +261,8 @@ class MasklessDownloader(ImageDownloader):
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer)
         store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
         self.robots = RobotsCache(self._fetch_robots, store)
+        self.deadlines = Deadlines(o["request_deadline"])  # the unit's requests; run_unit cancels them on an idle stop
+        self.pixels = PixelBudget(o["decode_pixels"])  # decoded pixels in flight, all threads of the task
 
     def _fetch_robots(self, url: str) -> bytes:
         self.storage.count("robots_fetched")
@@ -228,9 +271,9 @@ class MasklessDownloader(ImageDownloader):
 
     def _fetch(self, url: str, respect_noai: bool, html_ok: bool = False) -> tuple[bytes, str]:
         o = self.options
-        return fetch(self.session, url, timeout=o["timeout"], max_bytes=o["max_bytes"], retries=o["retries"],
-                     backoff=o["backoff"], max_backoff=o["max_backoff"], respect_noai=respect_noai,
-                     limiter=self.limiter, html_ok=html_ok)
+        return fetch(self.session, url, timeout=o["timeout"], deadlines=self.deadlines, max_bytes=o["max_bytes"],
+                     retries=o["retries"], backoff=o["backoff"], max_backoff=o["max_backoff"],
+                     respect_noai=respect_noai, limiter=self.limiter, html_ok=html_ok)
 
     def robots_refusal(self, url: str) -> str | None:
         """None when robots.txt lets us fetch `url` (its Crawl-delay then paces the host), else why not."""
@@ -258,7 +301,7 @@ class MasklessDownloader(ImageDownloader):
                 raise Rejected(refusal)
             sink.count("downloaded")
             sink.count("bytes", len(body))
-            img = clean_image(body, o["image_size"], o["jpeg_quality"], o["min_size"], o["max_pixels"])
+            img = clean_image(body, o["image_size"], o["jpeg_quality"], o["min_size"], o["max_pixels"], self.pixels)
         except Rejected as e:
             sink.reject(url, e.reason)
             return False

@@ -222,7 +222,8 @@ def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSi
     session.max_redirects = options["max_redirects"]
     origins = [local_base.split("://", 1)[1]] if local_base else []
     adapter = SafeAdapter(options["allow_private"], origins, pool_maxsize=max(10, options["threads"]),
-                          on_refused=lambda url, why: sink.count("requests_refused"))
+                          on_refused=lambda url, why: sink.count("requests_refused"),
+                          deadlines=crawler.downloader.deadlines)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     if issubclass(feeder_cls, PoliteGreedyFeeder):  # the site crawl asks robots.txt before every page
@@ -249,6 +250,7 @@ def run_unit(unit: Unit, options: dict, local_base: str | None = None) -> UnitSi
         elif time.monotonic() - idle_since > options["unit_idle_timeout"]:
             sink.count("idle_stops")  # nothing new for that long: a feeder that never ends, or a stuck site
             signal.set(reach_max_num=True)
+            crawler.downloader.deadlines.cancel()  # and the requests still in flight end now, as timeouts
         time.sleep(0.02)
     signal.set(reach_max_num=True)
     _drain(crawler)

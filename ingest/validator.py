@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import threading
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+if "PILLOW_BLOCK_SIZE" not in os.environ:
+    # Pillow allocates image memory in blocks of 16 MB, under glibc's mmap threshold once it has grown:
+    # a big decode's blocks then stay in the malloc arena of the thread that decoded it, and four
+    # threads decoding one after another (the pixel budget below) still held about 1.4x to 1.6x the
+    # memory of one (measured, bench/decode_memory.py). Blocks of 64 MB are mapped and unmapped whole,
+    # so what one decode frees goes back to the system. Pillow's block allocator:
+    # https://pillow.readthedocs.io/en/stable/reference/block_allocator.html
+    Image.core.set_block_size(64 * 2**20)
 
 
 class Rejected(Exception):
@@ -42,9 +55,59 @@ def phash(img: Image.Image) -> str:
     return cv2.img_hash.pHash(gray).tobytes().hex()
 
 
+class PixelBudget:
+    """Decoded pixels in flight in one crawl task, shared by all its download threads.
+
+    The pixel cap stops one image from being too big; it does not stop sixteen threads from each
+    decoding a 34-byte WebP that declares 6000 x 6000 px at the same moment (about 550 MB each,
+    measured: docs/CRAWL.md). A decode waits here until its pixels fit; one larger than the whole budget waits
+    until it is alone. `peak` is the most pixels ever reserved at once."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.peak = limit, 0, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, pixels: int):
+        pixels = min(pixels, self.limit)
+        with self._cond:
+            while self.used + pixels > self.limit:
+                self._cond.wait()
+            self.used += pixels
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """An 8-bit image from a 16-bit or 32-bit one, scaled by its nominal range; `convert` would clip
+    (a 16-bit PNG filled with 32768 became white, a float TIFF of 0.5 black).
+
+    16-bit integers keep their high byte (as libpng and PIL do for 16-bit RGB); 32-bit integers
+    ("I": 16-bit PGM and TIFF decode to it) must hold 16-bit values; floats must lie in [0, 1].
+    Anything else has no range we can know: Rejected("unsupported_depth")."""
+    if img.mode not in ("F", "I") and not img.mode.startswith("I;16"):
+        return img
+    arr = np.asarray(img)
+    if img.mode == "F":
+        if not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            raise Rejected("unsupported_depth", f"float image with values outside [0, 1] "
+                                                f"({np.nanmin(arr):g}..{np.nanmax(arr):g})")
+        return Image.fromarray((arr * 255.0 + 0.5).astype(np.uint8))
+    if arr.min() < 0 or arr.max() > 65535:
+        raise Rejected("unsupported_depth", f"{img.mode} image with values {arr.min()}..{arr.max()}, "
+                                            f"not 16-bit")
+    return Image.fromarray((arr >> 8).astype(np.uint8))
+
+
 def clean_image(data: bytes, image_size: int = 512, quality: int = 90, min_size: int = 32,
-                max_pixels: int = 40_000_000) -> CleanImage:
-    """Decode, check, resize (longest side to image_size, never up) and re-encode as JPEG."""
+                max_pixels: int = 40_000_000, pixels: PixelBudget | None = None) -> CleanImage:
+    """Decode, check, orient upright (EXIF), scale to 8 bits, resize (longest side to image_size, never
+    up) and re-encode as JPEG. With `pixels`, the decode waits for its share of the task's budget."""
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
         raise Rejected("not_image", "HTML/XML body")
@@ -62,30 +125,56 @@ def clean_image(data: bytes, image_size: int = 512, quality: int = 90, min_size:
         raise Rejected("too_many_pixels", f"{w}x{h} > {max_pixels} px")
     if min(w, h) < min_size:
         raise Rejected("too_small", f"{w}x{h}, shorter side under {min_size}")
-    if fmt == "JPEG" and max(w, h) > 2 * image_size:
-        img.draft("RGB", (image_size, image_size))  # decode at 1/2..1/8 scale: the resize's biggest saving
-    try:
-        img.load()
-    except OSError as e:
-        raise Rejected("truncated" if "truncated" in str(e) else "corrupt", str(e)) from None
-    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise Rejected("corrupt", str(e)) from None
-    if img.mode != "RGB":
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            img = Image.new("RGB", rgba.size, (255, 255, 255))
-            img.paste(rgba, mask=rgba.getchannel("A"))  # transparent pixels to white, not black
-        else:
-            img = img.convert("RGB")
-    if max(img.size) > image_size:
-        scale = image_size / max(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        # OpenCV's SIMD resize is 5-8x faster than PIL's here (the crawl's largest CPU cost after
-        # decoding); area averaging where the draft left more than 2x to reduce, cubic otherwise
-        interp = cv2.INTER_AREA if max(img.size) > 2 * image_size else cv2.INTER_CUBIC
-        img = Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=interp))
+    scale = min(1.0, image_size / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # stored size, before orientation
+    if fmt == "JPEG" and scale < 0.5:
+        img.draft("RGB", size)  # decode at 1/2..1/8 scale, at least `size`: the resize's biggest saving
+    with (pixels.reserve(img.size[0] * img.size[1]) if pixels else nullcontext()):
+        try:
+            img.load()
+        except OSError as e:
+            raise Rejected("truncated" if "truncated" in str(e) else "corrupt", str(e)) from None
+        except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise Rejected("corrupt", str(e)) from None
+        # upright as the EXIF orientation says (phones store photos sideways); the stored JPEG carries
+        # no EXIF, so no reader can turn it a second time
+        loaded = img.size
+        ImageOps.exif_transpose(img, in_place=True)
+        if img.size != loaded:  # turned a quarter: the stored size turns with it
+            w, h, size = h, w, size[::-1]
+        img = to_8bit(img)
+        factor = max(img.size) // (2 * max(size))
+        if factor >= 2:  # box-average to >= 2x the target first: no full-size copy below
+            if img.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):  # those reduce() takes
+                img = img.convert("RGBA" if _has_alpha(img) else "RGB")
+            img = img.reduce(factor)
+        try:
+            img = _rgb(img)
+        except ValueError as e:
+            raise Rejected("unsupported_mode", f"{img.mode}: {e}") from None
+        if img.size != size:
+            # OpenCV's SIMD resize is 5-8x faster than PIL's here (the crawl's largest CPU cost after
+            # decoding); area averaging where more than 2x is left to reduce, cubic otherwise
+            interp = cv2.INTER_AREA if max(img.size) > 2 * max(size) else cv2.INTER_CUBIC
+            img = Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=interp))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     jpg = buf.getvalue()
     return CleanImage(jpg=jpg, width=img.size[0], height=img.size[1], sha256=hashlib.sha256(jpg).hexdigest(),
                       phash=phash(img), source_width=w, source_height=h, source_format=fmt)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels over white (not black)."""
+    if img.mode == "RGB":
+        return img
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)

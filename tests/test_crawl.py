@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,13 +61,17 @@ def key_of(data: bytes) -> str:
 
 class Server:
     """Loopback HTTP server: routes map a path to (status, headers, body) or to a callable(n) giving
-    that for the n-th request of the path. Counts every request it receives."""
+    that for the n-th request of the path. Counts every request it receives.
+
+    A callable body writes itself (see `trickle`) and gets no Content-Length; with status None it
+    writes the whole response, status line and headers included."""
 
     def __init__(self, routes: dict, delay: float = 0.0):
         self.routes, self.delay = routes, delay
         self.hits: dict[str, int] = {}
         self.times: dict[str, list[float]] = {}
         self.agents: set[str] = set()
+        self.hosts: set[str] = set()  # Host headers received
         self.lock = threading.Lock()
         owner = self
 
@@ -76,6 +81,7 @@ class Server:
                     n = owner.hits[self.path] = owner.hits.get(self.path, 0) + 1
                     owner.times.setdefault(self.path, []).append(time.monotonic())
                     owner.agents.add(self.headers.get("User-Agent", ""))
+                    owner.hosts.add(self.headers.get("Host", ""))
                 if owner.delay:
                     time.sleep(owner.delay)
                 route = owner.routes.get(self.path)
@@ -83,6 +89,13 @@ class Server:
                     return self.send_error(404)
                 status, headers, body = route(n) if callable(route) else route
                 try:
+                    if callable(body):
+                        if status is not None:
+                            self.send_response(status)
+                            for k, v in headers.items():
+                                self.send_header(k, v)
+                            self.end_headers()
+                        return body(self.wfile)
                     self.send_response(status)
                     for k, v in headers.items():
                         self.send_header(k, v)
@@ -108,6 +121,16 @@ class Server:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def trickle(data: bytes, every: float):
+    """A body that sends one byte every `every` seconds: each read sees data long before any timeout."""
+    def write(wfile):
+        for i in range(len(data)):
+            wfile.write(data[i:i + 1])
+            wfile.flush()
+            time.sleep(every)
+    return write
 
 
 @pytest.fixture
@@ -701,3 +724,397 @@ def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(ray_local, serve, t
     unit = plan_units(cfg)[0]
     hits = srv.requests
     assert crawl_unit(unit, _options(cfg), units, None)["resumed"] and srv.requests == hits
+
+
+# ---------------------------------------------------------------- hostile servers: time, names, addresses
+
+def _one_url_unit(srv, path, tmp_path, **options):
+    """Crawl one URL as a unit, in this process; returns (record, seconds)."""
+    unit = Unit("urls", "", "list", 0, 0, 1, ((srv.url + path, ("thing",)),))
+    opts = _options(fast_config(tmp_path, **{"respect_robots": False, "retries": 0, **options}))
+    t0 = time.monotonic()
+    record = crawl_unit(unit, opts, str(tmp_path / "units"), None)
+    return record, time.monotonic() - t0
+
+
+def test_a_trickling_body_is_cut_at_the_request_deadline(serve, tmp_path):
+    # 45 bytes, one every 0.3 s, no Content-Length: no read ever waits --timeout, the body takes 13.5 s
+    srv = serve({"/slow.jpg": (200, {"Content-Type": "image/jpeg"}, trickle(b"\xff" * 45, 0.3))})
+    record, seconds = _one_url_unit(srv, "/slow.jpg", tmp_path, timeout=1.0, request_deadline=1.5,
+                                    unit_idle_timeout=60.0)
+    assert record["rejected"] == {"timeout": 1} and record["accepted"] == 0
+    assert seconds < 7.0, seconds  # 1.5 s and the unit's own tail (a loaded machine), not the 13.5 s of the body
+
+
+def test_trickling_headers_are_cut_at_the_request_deadline(serve, tmp_path):
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"a" * 200
+    srv = serve({"/slow.jpg": (None, {}, trickle(head, 0.2))})  # 40 s of headers, never finished
+    record, seconds = _one_url_unit(srv, "/slow.jpg", tmp_path, timeout=1.0, request_deadline=1.5,
+                                    unit_idle_timeout=60.0)
+    assert record["rejected"] == {"timeout": 1} and seconds < 7.0, (record["rejected"], seconds)
+
+
+def test_an_idle_stop_ends_the_requests_in_flight(serve, tmp_path):
+    """The issue's reproduction, shortened: a body at 1 byte per 0.5 s held its unit until the body
+    ended (45 bytes at 1 byte/s: 45 s) whatever --unit-idle-timeout said."""
+    srv = serve({"/slow.jpg": (200, {"Content-Type": "image/jpeg"}, trickle(b"\xff" * 45, 0.5))})
+    record, seconds = _one_url_unit(srv, "/slow.jpg", tmp_path, timeout=2.0, request_deadline=60.0,
+                                    unit_idle_timeout=1.5)
+    assert record["rejected"] == {"timeout": 1} and record["idle_stops"] >= 1
+    assert seconds < 7.0, seconds  # 1.5 s idle and the unit's tail, not the 22 s of the body
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    """Names under .test answer what `answers[name]` says, one answer per lookup (the last one repeats);
+    literal addresses resolve as usual. No connection may leave loopback: connecting elsewhere is
+    refused here, and recorded."""
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    answers, lookups, connects = {}, [], []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".test"):
+            lookups.append(host)
+            queue = answers.get(host) or [None]
+            ip = queue.pop(0) if len(queue) > 1 else queue[0]
+            if ip is None:
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return real_getaddrinfo(ip, port, *args, **kwargs)
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    def connect(sock, address):
+        connects.append(address[0])
+        if not address[0].startswith("127."):
+            raise ConnectionRefusedError(111, "test: no traffic leaves loopback")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return answers, lookups, connects
+
+
+def test_dns_rebinding_cannot_reach_a_private_address(serve, tmp_path, fake_dns):
+    """The name answers public to the check and loopback a moment later: the connection goes to the
+    address that was checked (refused here, as no packet may leave loopback), never to the server."""
+    answers, lookups, connects = fake_dns
+    srv = serve({"/a.jpg": (200, {"Content-Type": "image/jpeg"}, encode(smooth_image(400)))})
+    port = srv.url.rsplit(":", 1)[1]
+    answers["rebind.test"] = ["93.184.216.34", "127.0.0.1"]
+    unit = Unit("urls", "", "list", 0, 0, 1, ((f"http://rebind.test:{port}/a.jpg", ("thing",)),))
+    opts = _options(fast_config(tmp_path, respect_robots=False, allow_private=False, retries=1))
+    record = crawl_unit(unit, opts, str(tmp_path / "units"), None)
+    assert srv.requests == 0 and record["accepted"] == 0
+    assert "127.0.0.1" not in connects and connects == ["93.184.216.34"]
+    # the retry looked the name up again, got loopback, and was refused before connecting
+    assert lookups == ["rebind.test", "rebind.test"] and record["rejected"] == {"refused_private": 1}
+
+
+def test_a_pinned_connection_still_names_the_host(serve, fake_dns):
+    import requests
+
+    from maskless.ingest.safety import SafeAdapter
+
+    answers, lookups, connects = fake_dns
+    srv = serve({"/a.jpg": (200, {"Content-Type": "image/jpeg"}, b"x")})
+    port = srv.url.rsplit(":", 1)[1]
+    answers["named.test"] = ["127.0.0.1"]
+    session = requests.Session()
+    session.mount("http://", SafeAdapter(allow_private=True))
+    assert session.get(f"http://named.test:{port}/a.jpg", timeout=5).content == b"x"
+    assert srv.hosts == {f"named.test:{port}"} and connects == ["127.0.0.1"] and lookups == ["named.test"]
+
+
+def test_a_name_that_does_not_resolve_is_a_retried_dns_error(serve, tmp_path, fake_dns):
+    answers, lookups, connects = fake_dns
+    unit = Unit("urls", "", "list", 0, 0, 1, (("http://gone.test/a.jpg", ("thing",)),))
+    opts = _options(fast_config(tmp_path, respect_robots=False, allow_private=False, retries=2))
+    record = crawl_unit(unit, opts, str(tmp_path / "units"), None)
+    assert record["rejected"] == {"dns_error": 1} and lookups == ["gone.test"] * 3 and connects == []
+    assert record["requests_refused"] == 0
+
+
+def test_a_gzip_bomb_is_cut_at_max_bytes(serve, tmp_path):
+    import gzip
+
+    bomb = gzip.compress(b"\0" * 50_000_000, 9)  # about 50 KB on the wire
+    srv = serve({"/z.jpg": (200, {"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}, bomb)})
+    record, _ = _one_url_unit(srv, "/z.jpg", tmp_path, max_bytes=1_000_000)
+    assert len(bomb) < 100_000 and record["rejected"] == {"too_large": 1}
+
+
+def test_retry_after_as_an_http_date_is_honoured_and_capped(serve, tmp_path):
+    from email.utils import format_datetime
+    from datetime import datetime, timedelta, timezone
+
+    from maskless.ingest.downloader import retry_after_seconds
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    assert retry_after_seconds("Fri, 02 Jan 2026 03:04:07 GMT", now) == 2.0
+    assert retry_after_seconds("Fri, 02 Jan 2026 03:04:00 GMT", now) == 0.0  # past
+    assert retry_after_seconds("3", now) == 3.0 and retry_after_seconds("soon", now) == 0.0
+    jpg = encode(smooth_image(401))
+
+    def busy(n, seconds):
+        when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=seconds), usegmt=True)
+        return (503, {"Retry-After": when}, b"busy") if n == 1 else (200, {"Content-Type": "image/jpeg"}, jpg)
+    srv = serve({"/a.jpg": lambda n: busy(n, 3), "/b.jpg": lambda n: busy(n, 3600)})
+    record, _ = _one_url_unit(srv, "/a.jpg", tmp_path, retries=1, backoff=0.05, max_backoff=30.0)
+    gap = srv.times["/a.jpg"][1] - srv.times["/a.jpg"][0]
+    assert record["accepted"] == 1 and 1.5 < gap < 4.5, gap  # the date's second is cut: 2-3 s, not 0.05 s
+    record, _ = _one_url_unit(srv, "/b.jpg", tmp_path / "b", retries=1, backoff=0.05, max_backoff=0.5)
+    gap = srv.times["/b.jpg"][1] - srv.times["/b.jpg"][0]
+    assert record["accepted"] == 1 and gap < 2.0, gap  # an hour asked, --max-backoff 0.5 s given
+
+
+# ---------------------------------------------------------------- hostile images: orientation, depth, bombs
+
+def halves(w: int, h: int) -> Image.Image:
+    """Left half red, right half blue."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = (255, 0, 0)
+    arr[:, w // 2:] = (0, 0, 255)
+    return Image.fromarray(arr)
+
+
+def test_exif_orientation_is_applied_before_resizing():
+    # orientation 6 (a phone held upright): the pixels are stored turned 90 degrees anticlockwise, so
+    # the stored left half is the picture's top; orientation 8 the other way round, 3 upside down
+    for fmt, orientation, top_is_red, size in (("JPEG", 6, True, (50, 100)), ("PNG", 8, False, (50, 100)),
+                                               ("JPEG", 3, None, (100, 50)), ("JPEG", 1, None, (100, 50))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out = clean_image(encode(halves(400, 200), fmt, exif=exif.tobytes()), image_size=100, min_size=16)
+        img = np.asarray(Image.open(io.BytesIO(out.jpg)))
+        assert (out.width, out.height) == size and (out.source_width, out.source_height) == (size[0] * 4, size[1] * 4)
+        assert Image.open(io.BytesIO(out.jpg)).getexif().get(0x0112) is None  # no reader turns it again
+        if top_is_red is None:  # left/right kept (1) or swapped (3)
+            left_red = img[:, :10, 0].mean() > 200
+            assert left_red == (orientation == 1), (fmt, orientation)
+        else:
+            top_red = img[:10, :, 0].mean() > 200
+            assert top_red == top_is_red and (img[-10:, :, 0].mean() > 200) != top_is_red, (fmt, orientation)
+
+
+def test_high_bit_depth_is_scaled_to_8_bits_or_rejected():
+    import cv2
+
+    gray16 = encode(Image.new("I;16", (64, 48), 32768), "PNG")
+    assert Image.open(io.BytesIO(gray16)).mode == "I;16"
+    out = clean_image(gray16, min_size=16)
+    assert np.abs(np.asarray(Image.open(io.BytesIO(out.jpg))).astype(int) - 128).max() <= 1  # was all white
+    ramp = (np.arange(64, dtype=np.uint16) * 1040)[None, :].repeat(48, 0)  # 0 .. 65520
+    out = clean_image(encode(Image.fromarray(ramp), "PNG"), min_size=16)
+    got = np.asarray(Image.open(io.BytesIO(out.jpg)).convert("L")).astype(int)
+    assert np.abs(got[24] - (ramp[24] >> 8)).max() <= 3  # the ramp's high byte, JPEG's error aside
+    rgb16 = cv2.imencode(".png", np.full((48, 64, 3), 40000, np.uint16))[1].tobytes()
+    assert abs(np.asarray(Image.open(io.BytesIO(clean_image(rgb16, min_size=16).jpg))).mean() - (40000 >> 8)) <= 1
+    half = encode(Image.new("F", (64, 48), 0.5), "TIFF")
+    assert Image.open(io.BytesIO(half)).mode == "F"
+    out = clean_image(half, min_size=16)
+    assert np.abs(np.asarray(Image.open(io.BytesIO(out.jpg))).astype(int) - 128).max() <= 1  # was all black
+    for bad in (Image.new("F", (64, 48), 3.0), Image.new("F", (64, 48), -0.25)):
+        with pytest.raises(Rejected) as e:
+            clean_image(encode(bad, "TIFF"), min_size=16)
+        assert e.value.reason == "unsupported_depth"
+
+
+# A lossless WebP of 34 bytes declaring 6000 x 6000 px: decoded, 36 million pixels (docs/CRAWL.md)
+WEBP_BOMB = bytes.fromhex("524946461a000000574542505650384c0e0000002f6fd7db05071011fd0f4444ff03")
+
+
+def test_the_pixel_budget_bounds_decodes_in_flight():
+    from maskless.ingest.validator import PixelBudget
+
+    assert len(WEBP_BOMB) == 34 and Image.open(io.BytesIO(WEBP_BOMB)).size == (6000, 6000)
+    budget, inside, most = PixelBudget(10), [0], [0]
+    lock = threading.Lock()
+
+    def use(n):
+        with budget.reserve(n):
+            with lock:
+                inside[0] += min(n, 10)  # one larger than the budget takes all of it
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= min(n, 10)
+    threads = [threading.Thread(target=use, args=(n,)) for n in (4, 4, 4, 25, 3, 6)]  # 25 > the budget: alone
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads) and budget.used == 0
+    assert most[0] == budget.peak == 10
+    # four small bombs (4 million px each) from four threads at once, a budget of one: one at a time
+    bomb = encode(Image.new("RGB", (2000, 2000)), "WEBP", lossless=True, quality=0, method=0)
+    one = PixelBudget(4_000_000)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(clean_image(bomb, pixels=one))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4 and one.peak == 4_000_000 and one.used == 0
+    # a JPEG draws only the pixels its draft decodes: 4000 x 3000 for 256 px is decoded at 1/8
+    jpeg = PixelBudget(10**9)
+    out = clean_image(encode(smooth_image(402, 4000, 3000)), image_size=256, pixels=jpeg)
+    assert (out.width, out.height) == (256, 192) and jpeg.peak == 500 * 375
+
+
+BOMB_MEMORY = """
+import resource, sys, threading
+from maskless.ingest.validator import PixelBudget, clean_image
+data, budget = open(sys.argv[1], "rb").read(), PixelBudget(int(sys.argv[2]))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+threads = [threading.Thread(target=clean_image, args=(data,), kwargs={"pixels": budget}) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+
+
+def test_four_bombs_at_once_cost_the_memory_of_one(tmp_path):
+    """Peak memory of a process decoding four 9-million-pixel WebP bombs at once: with a budget of one
+    bomb's pixels, about one decode's worth; with room for all four, about four."""
+    path = tmp_path / "bomb.webp"
+    path.write_bytes(encode(Image.new("RGB", (3000, 3000)), "WEBP", lossless=True, quality=0, method=0))
+
+    def peak_kib(budget: int) -> int:
+        out = subprocess.run([sys.executable, "-c", BOMB_MEMORY, str(path), str(budget)], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout)
+    one, four = peak_kib(9_000_000), peak_kib(36_000_000)
+    assert one < 0.5 * four, (one, four)
+
+
+DISK_FULL_CRAWL = """
+set -u
+mount -t tmpfs -o size=$SIZE tmpfs "$MNT"
+crawl() { "$PY" -m maskless.cli crawl --engine urls --urls "$URLS" --out "$MNT/out" --allow-private \
+    --per-host-rps 0 --shard-size 1 --workers 1 --threads 1 --min-size 32 --no-progress --num-cpus 2 \
+    --near-dup-bits -1; }
+crawl 2> "$LOG/first.err"; echo $? > "$LOG/first.rc"
+find "$MNT/out/_units" -name '*.tar' -printf '%f %T@\n' > "$LOG/first.ls"
+mount -o remount,size=4m "$MNT"  # space freed
+crawl 2> "$LOG/second.err"; echo $? > "$LOG/second.rc"
+cp -a "$MNT/out" "$LOG/out"
+"""
+
+
+def test_disk_full_during_a_crawl_is_exit_2_and_a_rerun_finishes(serve, tmp_path):
+    """A real full disk: OUT on a 160 KiB tmpfs, mounted in a private mount namespace of an
+    unprivileged user namespace (`unshare -r -m`), so nothing outside this test sees it."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-r", "-m", "true"]).returncode != 0:
+        pytest.skip("needs unshare -r -m (user and mount namespaces) for a private tmpfs")
+    noisy = [encode(Image.fromarray(np.random.default_rng(500 + i).integers(0, 255, (200, 200, 3), dtype=np.uint8)),
+                    quality=95) for i in range(6)]  # about 35 KiB each once stored
+    srv = serve({f"/{i}.jpg": (200, {"Content-Type": "image/jpeg"}, b) for i, b in enumerate(noisy)})
+    urls = write_urls(tmp_path / "u.csv", [(f"{srv.url}/{i}.jpg", "thing") for i in range(6)])
+    (tmp_path / "mnt").mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}, "PY": sys.executable,
+           "URLS": urls, "MNT": str(tmp_path / "mnt"), "LOG": str(logs), "SIZE": "160k",
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="mlk"), "PYTHONPATH": REPO}
+    try:
+        subprocess.run(["unshare", "-r", "-m", "sh", "-c", DISK_FULL_CRAWL], cwd=REPO, env=env, timeout=400)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    first, second = (logs / "first.err").read_text(), (logs / "second.err").read_text()
+    assert (logs / "first.rc").read_text().strip() == "2", first[-3000:]
+    assert "No space left on device" in first or "no space left on device" in first, first[-3000:]
+    assert "free space and rerun the same command" in first and "Traceback" not in first, first[-3000:]
+    assert "no space left on device writing unit urls-" in first, first[-3000:]  # the unit named
+    committed = dict(line.split() for line in (logs / "first.ls").read_text().splitlines())
+    assert 1 <= len(committed) < 6, committed
+    assert (logs / "second.rc").read_text().strip() == "0", second[-3000:]
+    out = str(logs / "out")
+    assert sorted(s.key for s in shards.read_dataset(out)) == sorted(key_of(b) for b in noisy)
+    for name, mtime in committed.items():  # what the first run committed is kept, not redone
+        assert abs(os.stat(logs / "out" / "_units" / name).st_mtime - float(mtime)) < 1e-3, name
+
+
+def _self_signed(tmp_path, name: str) -> tuple[str, str]:
+    """A certificate for `name` and its key, as PEM files (cryptography)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_is_pinned_with_the_name_in_sni_and_the_certificate_check(serve, tmp_path, fake_dns):
+    import ssl
+
+    import requests
+
+    from maskless.ingest.safety import SafeAdapter
+
+    answers, lookups, connects = fake_dns
+    cert, key = _self_signed(tmp_path, "tls.test")
+    srv = serve({"/a.jpg": (200, {"Content-Type": "image/jpeg"}, b"tls body")})
+    names = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: names.append(name)
+    srv.httpd.socket = context.wrap_socket(srv.httpd.socket, server_side=True)
+    port = srv.url.rsplit(":", 1)[1]
+    answers["tls.test"] = ["127.0.0.1"]
+    session = requests.Session()
+    session.mount("https://", SafeAdapter(allow_private=True))
+    assert session.get(f"https://tls.test:{port}/a.jpg", timeout=5, verify=cert).content == b"tls body"
+    assert names == ["tls.test"] and srv.hosts == {f"tls.test:{port}"} and connects == ["127.0.0.1"]
+
+
+def test_a_trickled_tls_handshake_is_cut_at_the_request_deadline(tmp_path):
+    """A TLS record announced 16 KB long, then sent a byte every 0.2 s: the handshake waits for the
+    whole record (an hour of it; CPython bounds a handshake by the socket timeout, here 5 s); the
+    deadline ends it first, though ssl has detached the socket urllib3 holds during the handshake."""
+    import requests
+
+    from maskless.ingest.deadline import Deadlines
+    from maskless.ingest.safety import SafeAdapter
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def slow_tls():
+        conn, _ = server.accept()
+        try:
+            conn.sendall(b"\x16\x03\x03\x40\x00")  # handshake record header, 16 KB to follow
+            while not stop.wait(0.2):
+                conn.sendall(b"\x00")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+    t = threading.Thread(target=slow_tls, daemon=True)
+    t.start()
+    session = requests.Session()
+    session.mount("https://", SafeAdapter(allow_private=True, deadlines=Deadlines(1.5)))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(requests.Timeout, match="not complete after 1.5 s"):
+            session.get(f"https://127.0.0.1:{server.getsockname()[1]}/", timeout=5.0)
+        assert time.monotonic() - t0 < 4.5
+    finally:
+        stop.set()
+        server.close()
