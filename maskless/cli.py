@@ -76,6 +76,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' own logs")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: 2 x cores, at least 4)")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard with a local Ray (needs ray[default])")
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -147,7 +148,7 @@ def _run_stage(cmd: StageCommand, args: argparse.Namespace) -> dict:
     if cmd.needs_ray and not getattr(cfg, "dry_run", False):  # a dry run only plans
         from maskless.ray_runtime import init_ray
 
-        init_ray(args.address, args.num_cpus, args.verbose)
+        init_ray(args.address, args.num_cpus, args.verbose, dashboard=args.dashboard)
     return run(cfg)
 
 
@@ -174,7 +175,7 @@ def dispatch(args: argparse.Namespace) -> dict:
         from maskless.run import run_pipeline
 
         return run_pipeline(args.config, out=args.out, address=args.address, num_cpus=args.num_cpus,
-                            verbose=args.verbose)
+                            verbose=args.verbose, dashboard=args.dashboard)
     if args.command == "bench":
         from maskless.bench import run_benchmarks
 

@@ -103,7 +103,7 @@ def _log_to_file(out: str) -> logging.Handler:
 
 
 def run_pipeline(config_path: str, out: str | None = None, address: str | None = None,
-                 num_cpus: int | None = None, verbose: bool = False) -> dict:
+                 num_cpus: int | None = None, verbose: bool = False, dashboard: bool = False) -> dict:
     """Run every stage of the YAML at config_path; returns the summary also written to OUT/summary.json."""
     raw = config.load_yaml(config_path)
     unknown = set(raw) - {"run", *STAGE_SECTIONS}
@@ -120,7 +120,7 @@ def run_pipeline(config_path: str, out: str | None = None, address: str | None =
     handler = _log_to_file(run_cfg.out) if "://" not in run_cfg.out else None
     from maskless.ray_runtime import init_ray
 
-    init_ray(address, num_cpus, verbose)
+    init_ray(address, num_cpus, verbose, dashboard=dashboard)
     p = Pipeline(run_cfg.out)
     t_start = time.time()
     try:
