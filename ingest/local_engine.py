@@ -1,47 +1,54 @@
 """The `local` engine: a loopback search engine that answers in Bing's result-page format.
 
 It serves a folder of class-name subfolders of images, or a VOC-format folder such as a world
-from `maskless world` (class -> the images whose Annotations XML name it), so that the crawl runs
-icrawler's real Bing parser end to end without internet: the demo and the tests crawl this way.
+from `maskless world` (class -> the images whose Annotations XML name it), local or at a URI, so
+that the crawl runs icrawler's real Bing parser end to end without internet: the demo and the tests
+crawl this way.
 """
 from __future__ import annotations
 
 import html
 import json
 import mimetypes
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.etree import ElementTree as ET
+
+from maskless.core import storage
 
 PAGE_SIZE = 20  # results per page, as icrawler's BingFeeder assumes
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def index_images(root: str) -> dict[str, list[str]]:
-    """class name -> sorted image paths, from a VOC-format folder or from class subfolders."""
-    if not os.path.isdir(root):
+    """class name -> sorted image paths, from a VOC-format folder or from class subfolders (a path or URI)."""
+    if not storage.is_dir(root):
         raise FileNotFoundError(f"local engine root {root} is not a folder (give a folder of class "
                                 f"subfolders or a VOC-format world)")
     index: dict[str, set[str]] = {}
-    ann, jpegs = os.path.join(root, "Annotations"), os.path.join(root, "JPEGImages")
-    if os.path.isdir(ann) and os.path.isdir(jpegs):
-        for name in sorted(os.listdir(ann)):
-            if not name.endswith(".xml"):
+    ann, jpegs = storage.join(root, "Annotations"), storage.join(root, "JPEGImages")
+    if storage.is_dir(ann) and storage.is_dir(jpegs):
+        have = set(storage.listdir(jpegs))
+        for name in storage.listdir(ann):
+            if not name.endswith(".xml") or name[:-4] + ".jpg" not in have:
                 continue
-            image = os.path.join(jpegs, name[:-4] + ".jpg")
-            for obj in ET.parse(os.path.join(ann, name)).getroot().iter("object"):
+            try:
+                objects = ET.fromstring(storage.read_bytes(storage.join(ann, name))).iter("object")
+            except ET.ParseError as e:
+                raise ValueError(f"local engine root {root}: Annotations/{name} is not well-formed XML ({e})") from None
+            for obj in objects:
                 label = (obj.findtext("name") or "").strip()
-                if label and os.path.exists(image):
-                    index.setdefault(label, set()).add(image)
+                if label:
+                    index.setdefault(label, set()).add(storage.join(jpegs, name[:-4] + ".jpg"))
     else:
-        for label in sorted(os.listdir(root)):
-            folder = os.path.join(root, label)
-            if os.path.isdir(folder) and not label.startswith("."):
-                files = {os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)}
-                if files:
-                    index[label] = files
+        for label in storage.listdir(root):
+            folder = storage.join(root, label)
+            if label.startswith(".") or not storage.is_dir(folder):
+                continue
+            files = {storage.join(folder, f) for f in storage.listdir(folder) if f.lower().endswith(IMAGE_EXTS)}
+            if files:
+                index[label] = files
     if not index:
         raise ValueError(f"local engine root {root} holds no labelled images (expected class subfolders "
                          f"of images, or Annotations/*.xml with JPEGImages/)")
@@ -90,8 +97,7 @@ class LocalSearchServer:
                         path = owner.index[label][int(name.rsplit(".", 1)[0])]
                     except (KeyError, ValueError, IndexError):
                         return self.send_error(404)
-                    with open(path, "rb") as f:
-                        body = f.read()
+                    body = storage.read_bytes(path)
                     ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
                 else:
                     return self.send_error(404)

@@ -231,7 +231,7 @@ def class_names(n_classes: int) -> list[str]:
 
 def make_world(out: str, classes: int = 3, images: int = 40, seed: int = 0, size: int = 128,
                val_fraction: float = 0.25, quality: int = 92) -> dict:
-    """Write a synthetic VOC-format world to `out` and return its summary.
+    """Write a synthetic VOC-format world to `out` (a path or URI) and return its summary.
 
     Deterministic: the same arguments give byte-identical files. Rerunning into an existing world
     with the same arguments rewrites the same files (atomic writes), so a killed run is finished by a rerun.
@@ -244,7 +244,7 @@ def make_world(out: str, classes: int = 3, images: int = 40, seed: int = 0, size
     if not 0 < val_fraction < 1:
         raise ValueError("val_fraction must be between 0 and 1")
     for sub in ("JPEGImages", "SegmentationObject", "SegmentationClass", "Annotations", "ImageSets/Segmentation"):
-        os.makedirs(os.path.join(out, sub), exist_ok=True)
+        storage.makedirs(storage.join(out, *sub.split("/")))
     palette = voc_palette()
     colour_rng = np.random.default_rng(seed + 7919)
     colours = colour_rng.uniform(60, 200, (classes, 3))
@@ -263,23 +263,24 @@ def make_world(out: str, classes: int = 3, images: int = 40, seed: int = 0, size
             im = Image.fromarray(arr, mode="P")
             im.putpalette(palette)
             return _encode(im, "PNG")
-        storage.write_bytes_atomic(os.path.join(out, "JPEGImages", image_id + ".jpg"),
+        storage.write_bytes_atomic(storage.join(out, "JPEGImages", image_id + ".jpg"),
                                    _encode(Image.fromarray(img), "JPEG", quality=quality))
-        storage.write_bytes_atomic(os.path.join(out, "SegmentationObject", image_id + ".png"), png(obj))
-        storage.write_bytes_atomic(os.path.join(out, "SegmentationClass", image_id + ".png"), png(cls))
-        storage.write_bytes_atomic(os.path.join(out, "Annotations", image_id + ".xml"),
+        storage.write_bytes_atomic(storage.join(out, "SegmentationObject", image_id + ".png"), png(obj))
+        storage.write_bytes_atomic(storage.join(out, "SegmentationClass", image_id + ".png"), png(cls))
+        storage.write_bytes_atomic(storage.join(out, "Annotations", image_id + ".xml"),
                                    _annotation_xml(image_id, size, size, [(names[c - 1], b) for c, b in kept]))
         ids.append(image_id)
     n_val = max(1, int(round(images * val_fraction)))
     split = {"train": ids[:-n_val], "val": ids[-n_val:], "trainval": ids}
     for name, members in split.items():
-        storage.write_bytes_atomic(os.path.join(out, "ImageSets", "Segmentation", f"{name}.txt"),
+        storage.write_bytes_atomic(storage.join(out, "ImageSets", "Segmentation", f"{name}.txt"),
                                    ("\n".join(members) + "\n").encode())
-    storage.write_bytes_atomic(os.path.join(out, "classes.txt"), ("\n".join(names) + "\n").encode())
-    summary = {"root": os.path.abspath(out), "classes": names, "images": images, "train": len(split["train"]),
+    storage.write_bytes_atomic(storage.join(out, "classes.txt"), ("\n".join(names) + "\n").encode())
+    root = out if "://" in out else os.path.abspath(out)
+    summary = {"root": root, "classes": names, "images": images, "train": len(split["train"]),
                "val": len(split["val"]), "instances": int(counts.sum()),
                "instances_per_class": dict(zip(names, counts.tolist())), "seed": seed, "size": size}
-    storage.write_json_atomic(os.path.join(out, "world.json"), summary)
+    storage.write_json_atomic(storage.join(out, "world.json"), summary)
     return summary
 
 

@@ -96,7 +96,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         config.add_arguments(p, cls, skip=tuple(f for f, _, _ in cmd.positionals))
 
     p = sub.add_parser("world", help=OTHER["world"], description=OTHER["world"])
-    p.add_argument("out", help="output folder (VOC layout)")
+    p.add_argument("out", help="output folder or URI (VOC layout)")
     p.add_argument("--classes", type=int, default=3, help="number of object classes (1-8)")
     p.add_argument("--images", type=int, default=40, help="number of images")
     p.add_argument("--seed", type=int, default=0)

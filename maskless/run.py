@@ -113,7 +113,7 @@ def run_pipeline(config_path: str, out: str | None = None, address: str | None =
     run_cfg = config.build(RunConfig, raw.get("run", {}), {"out": out})
     if "://" not in run_cfg.out:  # Ray workers run elsewhere than the driver: no relative paths
         run_cfg.out = os.path.abspath(run_cfg.out)
-    if run_cfg.voc_root:
+    if run_cfg.voc_root and "://" not in run_cfg.voc_root:
         run_cfg.voc_root = os.path.abspath(run_cfg.voc_root)
     sections = {k: dict(raw.get(k) or {}) for k in STAGE_SECTIONS}
     storage.makedirs(run_cfg.out)
@@ -158,9 +158,11 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
         engine = {}
         if cfg.source == "world":
             # The demo's "web": the world's train images filed by class, served by the local engine.
+            # Its loopback origin is exempt from the private-address guard; the guard stays on for every
+            # other address (a redirect or a result pointing elsewhere is refused as in any crawl).
             web = p.path("web")
             p.stage("web", lambda: _web_folder(root, cfg.train_split, web))
-            engine = {"engine": ["local"], "local_root": web, "allow_private": True}
+            engine = {"engine": ["local"], "local_root": web}
         crawl_cfg = _stage_config("maskless.ingest.crawl", "CrawlConfig", s["crawl"], out=p.path("data", "crawl"),
                                   classes=queries, **engine)
         p.stage("crawl", lambda: run_crawl(crawl_cfg))
@@ -201,18 +203,18 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
 
 
 def _web_folder(voc_root: str, split: str, out: str) -> dict:
-    """Copy the split's images into OUT/CLASS/ID.jpg by their XML labels (an image under each of its classes)."""
-    import shutil
-
+    """Copy the split's images into OUT/CLASS/ID.jpg by their XML labels (an image under each of its
+    classes); paths may be URIs."""
     from maskless.ingest.voc import split_ids, voc_class_names, xml_labels
 
     names = voc_class_names(voc_root)
     counts = {c: 0 for c in names}
     for image_id in split_ids(voc_root, split):
-        for label in xml_labels(voc_root, image_id, names):
-            os.makedirs(os.path.join(out, label), exist_ok=True)
-            shutil.copyfile(os.path.join(voc_root, "JPEGImages", image_id + ".jpg"),
-                            os.path.join(out, label, image_id + ".jpg"))
+        labels = xml_labels(voc_root, image_id, names)
+        if labels:
+            jpg = storage.read_bytes(storage.join(voc_root, "JPEGImages", image_id + ".jpg"))
+        for label in labels:
+            storage.write_bytes_atomic(storage.join(out, label, image_id + ".jpg"), jpg)
             counts[label] += 1
     return {"out": out, "images_per_class": counts}
 
