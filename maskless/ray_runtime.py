@@ -2,21 +2,22 @@
 deadlock on small machines, and a local Ray that never outlives the command that started it.
 
 Ray ties its head processes to the driver (the kernel kills them when it dies), but not the node's
-agents: after the driver is SIGKILLed, its DashboardAgent and RuntimeEnvAgent (about 190 MB) outlive
-it for a minute or more (measured: they first try to report the raylet's death to the dead GCS).
-So a local Ray started here gets a reaper: a small process that waits for the driver to end, however
-it ends, then stops every process of that Ray that is still there. They are told apart from every
-other process on the machine by a token in their environment, which they all inherit.
+agents: after the driver is SIGKILLed, its DashboardAgent and RuntimeEnvAgent (about 170 MB) outlive
+it for about a minute (measured: they first try to report the raylet's death to the dead GCS). So a
+local Ray started here gets a reaper: a small process that keeps a list of the driver's descendants
+(every 5 s, and at once when Ray has started), and when the driver ends, however it ends, stops
+those still there. Only the driver's own descendants are listed, each with its start time, so no
+other process on the machine is touched, even one that was given a listed pid again.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
-import uuid
 
 from maskless.core.resources import use_ray_train_env
 
@@ -29,7 +30,7 @@ QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_DATA_LOG_LEVEL": "ERROR",  # Ray Data's per-dataset INFO lines and its "progress bars disabled" warning
 }
-OWNER_ENV = "MASKLESS_RAY_OWNER"  # the token of the local Ray a process belongs to
+SCAN_EVERY_S = 5.0  # a scan of /proc: about 20 ms for 160 processes on this loaded 2-core machine
 _reapers: list[subprocess.Popen] = []  # held open for the driver's life: their stdin closing is the signal
 
 
@@ -59,75 +60,81 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     kwargs = {"_temp_dir": temp_dir} if temp_dir else {}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    previous, token = os.environ.get(OWNER_ENV), _start_reaper()
-    os.environ[OWNER_ENV] = token  # every process of this Ray inherits it, the driver's later children do not
+    reaper = _start_reaper()
+    # address="local": always a new local instance, never a cluster some other process started here
+    ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=verbose,
+             logging_level=level, configure_logging=verbose, **kwargs)
     try:
-        # address="local": always a new local instance, never a cluster some other process started here
-        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=verbose,
-                 logging_level=level, configure_logging=verbose, **kwargs)
-    finally:
-        if previous is None:
-            del os.environ[OWNER_ENV]
-        else:
-            os.environ[OWNER_ENV] = previous
+        reaper.stdin.write(b"\n")  # Ray's processes are up: list them now
+        reaper.stdin.flush()
+    except OSError:
+        log.warning("the reaper of the local Ray has gone: a killed driver may leave Ray processes")
     log.info("started local Ray with %d logical CPUs", cpus)
 
 
-def _start_reaper() -> str:
-    """Start the reaper of the local Ray about to start; returns its token."""
-    token = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k != OWNER_ENV}
-    # its own session: a Ctrl-C or hang-up of the terminal reaches the driver, not the reaper
-    _reapers.append(subprocess.Popen([sys.executable, "-m", "maskless.ray_runtime", "--reap", token],
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env=env, start_new_session=True))
-    return token
+def _start_reaper() -> subprocess.Popen:
+    """Start the reaper of the local Ray about to start (its own session: a Ctrl-C or hang-up of the
+    terminal reaches the driver, not the reaper)."""
+    proc = subprocess.Popen([sys.executable, "-m", "maskless.ray_runtime", "--reap", str(os.getpid())],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    _reapers.append(proc)
+    return proc
 
 
-def owned_processes(token: str) -> list[int]:
-    """Pids of the processes whose environment carries this token (Linux /proc; others: none)."""
-    needle = f"{OWNER_ENV}={token}".encode()
-    pids = []
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) of every process, from /proc (Linux; elsewhere none)."""
+    out = {}
     for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            except OSError:  # gone meanwhile
+                continue
+            if fields[0] != "Z":
+                out[int(name)] = (int(fields[1]), fields[19])
+    return out
 
 
-def reap(token: str, grace_s: float = 2.0) -> None:
-    """Wait until the driver closes our stdin (it exited, whatever way), then stop its Ray's processes:
-    SIGTERM, and SIGKILL for those still there after `grace_s`."""
-    while sys.stdin.buffer.read(65536):
-        pass
-    pids = owned_processes(token)
+def _descendants(pid: int, table: dict[int, tuple[int, str]]) -> dict[int, str]:
+    """pid -> start time of every live descendant of pid."""
+    children: dict[int, list[int]] = {}
+    for p, (parent, _) in table.items():
+        children.setdefault(parent, []).append(p)
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        found[p] = table[p][1]
+        todo += children.get(p, [])
+    return found
+
+
+def reap(driver: int, grace_s: float = 2.0) -> None:
+    """List the driver's descendants until it closes our stdin (it ended, whatever way), then stop
+    those still alive with the same start time: SIGTERM, and SIGKILL after `grace_s`."""
+    known: dict[int, str] = {}
+    while True:
+        ready, _, _ = select.select([sys.stdin.buffer], [], [], SCAN_EVERY_S)
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            break
+        known.update(_descendants(driver, _processes()))
+        known.pop(os.getpid(), None)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        table = _processes()
+        alive = [p for p, started in known.items() if p in table and table[p][1] == started]
+        if not alive:
+            return
+        for pid in alive:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         end = time.monotonic() + grace_s
-        while pids and time.monotonic() < end:
+        while time.monotonic() < end and set(alive) & set(_processes()):
             time.sleep(0.05)
-            pids = [p for p in pids if _alive(p)]
-        if not pids:
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, only not yet waited for
-    except OSError:
-        return False
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--reap"]:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    reap(sys.argv[2])
+    reap(int(sys.argv[2]))

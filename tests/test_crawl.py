@@ -682,6 +682,53 @@ def zombie(pid: int) -> bool:
         return True
 
 
+LOCAL_RAY_DRIVER = """
+import sys, time
+import ray
+from maskless.ray_runtime import init_ray
+init_ray(num_cpus=1, temp_dir=sys.argv[1])
+print(ray.get(ray.remote(lambda: "ready").remote()), flush=True)
+time.sleep(600)
+"""
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_local_ray_does_not_outlive_its_sigkilled_driver():
+    """Before: the DashboardAgent and RuntimeEnvAgent of a SIGKILLed driver's local Ray lived on (about
+    a minute, 170 MB). Now every process the driver started is gone within seconds, the reaper too.
+    Only processes this test started are looked at and killed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    ray_dir = tempfile.mkdtemp(prefix="mlk")  # Ray's socket paths must stay under 107 bytes
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_DRIVER, ray_dir], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    tree = []
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        tree = descendants(proc.pid)  # everything the driver started: its Ray, the agents, the reaper
+        names = " | ".join(cmdline(p) for p in tree)
+        assert "DashboardAgent" in names and "RuntimeEnvAgent" in names and "--reap" in names, names
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        end = time.time() + 20
+        while any(not zombie(p) for p in tree) and time.time() < end:
+            time.sleep(0.1)
+        left = {p: cmdline(p) for p in tree if not zombie(p)}
+        assert not left, left
+    finally:
+        for pid in [proc.pid] + tree:
+            if not zombie(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
 def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(ray_local, serve, tmp_path):
     images = [encode(smooth_image(100 + i)) for i in range(18)]
     srv = serve({f"/{i}.jpg": (200, {"Content-Type": "image/jpeg"}, b) for i, b in enumerate(images)}, delay=0.1)
