@@ -3,6 +3,8 @@
 Checks run cheapest first and before decoding pixels: the header's size is checked against the
 pixel cap before any decode, so a decompression bomb (a tiny file claiming 50,000 x 50,000 px)
 costs nothing; truncated and non-image bodies are told apart so the stats say what went wrong.
+Decodes that pass the cap draw their pixels from the task's PixelBudget, so small bombs cannot add
+up; the stored image is upright (EXIF orientation) and 8-bit (16-bit and float images scaled).
 """
 from __future__ import annotations
 
@@ -18,14 +20,13 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-
 if "PILLOW_BLOCK_SIZE" not in os.environ:
     # Pillow allocates image memory in blocks of 16 MB, under glibc's mmap threshold once it has grown:
     # a big decode's blocks then stay in the malloc arena of the thread that decoded it, and four
-    # threads decoding one after another (the pixel budget below) still held about 1.4x to 1.6x the
-    # memory of one (measured, bench/decode_memory.py). Blocks of 64 MB are mapped and unmapped whole,
-    # so what one decode frees goes back to the system. Pillow's block allocator:
-    # https://pillow.readthedocs.io/en/stable/reference/block_allocator.html
+    # threads decoding one after another (the pixel budget below) held 749 MB against 555 MB for one
+    # (`PILLOW_BLOCK_SIZE=16m python -m bench.decode_memory`; 616 MB with this). Blocks of 64 MB are
+    # mapped and unmapped whole, so what one decode frees goes back to the system. Pillow's block
+    # allocator: https://pillow.readthedocs.io/en/stable/reference/block_allocator.html
     Image.core.set_block_size(64 * 2**20)
 
 
