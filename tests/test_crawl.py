@@ -700,17 +700,18 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def test_a_local_ray_does_not_outlive_its_sigkilled_driver():
+def test_a_local_ray_does_not_outlive_its_sigkilled_driver(tmp_path):
     """Before: the DashboardAgent and RuntimeEnvAgent of a SIGKILLed driver's local Ray lived on (about
     a minute, 170 MB). Now every process the driver started is gone within seconds, the reaper too.
     Only processes this test started are looked at and killed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     ray_dir = tempfile.mkdtemp(prefix="mlk")  # Ray's socket paths must stay under 107 bytes
+    log = tmp_path / "driver.log"
     proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_DRIVER, ray_dir], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, start_new_session=True)
     tree = []
     try:
-        assert proc.stdout.readline().strip() == "ready"
+        assert proc.stdout.readline().strip() == "ready", f"the driver did not start: {log.read_text()[-2000:]}"
         tree = descendants(proc.pid)  # everything the driver started: its Ray, the agents, the reaper
         names = " | ".join(cmdline(p) for p in tree)
         assert "DashboardAgent" in names and "RuntimeEnvAgent" in names and "--reap" in names, names
@@ -775,19 +776,23 @@ def test_kill_and_rerun_loses_nothing_and_duplicates_nothing(ray_local, serve, t
 
 # ---------------------------------------------------------------- hostile servers: time, names, addresses
 
-def _one_url_unit(srv, path, tmp_path, **options):
-    """Crawl one URL as a unit, in this process; returns (record, seconds)."""
-    unit = Unit("urls", "", "list", 0, 0, 1, ((srv.url + path, ("thing",)),))
-    opts = _options(fast_config(tmp_path, **{"respect_robots": False, "retries": 0, **options}))
+def crawl_one_url(url, tmp_path, **options) -> tuple[dict, float]:
+    """Crawl one URL as a unit, in this process (no robots.txt, no retry unless asked); returns (record,
+    seconds)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = fast_config(tmp_path, **{"respect_robots": False, "retries": 0, **options,
+                                   "urls": write_urls(tmp_path / "one.csv", [(url, "thing")])})
+    (unit,) = plan_units(cfg)
     t0 = time.monotonic()
-    record = crawl_unit(unit, opts, str(tmp_path / "units"), None)
+    record = crawl_unit(unit, _options(cfg), str(tmp_path / "units"), None)
     return record, time.monotonic() - t0
+
 
 
 def test_a_trickling_body_is_cut_at_the_request_deadline(serve, tmp_path):
     # 45 bytes, one every 0.3 s, no Content-Length: no read ever waits --timeout, the body takes 13.5 s
     srv = serve({"/slow.jpg": (200, {"Content-Type": "image/jpeg"}, trickle(b"\xff" * 45, 0.3))})
-    record, seconds = _one_url_unit(srv, "/slow.jpg", tmp_path, timeout=1.0, request_deadline=1.5,
+    record, seconds = crawl_one_url(srv.url + "/slow.jpg", tmp_path, timeout=1.0, request_deadline=1.5,
                                     unit_idle_timeout=60.0)
     assert record["rejected"] == {"timeout": 1} and record["accepted"] == 0
     assert seconds < 7.0, seconds  # 1.5 s and the unit's own tail (a loaded machine), not the 13.5 s of the body
@@ -796,7 +801,7 @@ def test_a_trickling_body_is_cut_at_the_request_deadline(serve, tmp_path):
 def test_trickling_headers_are_cut_at_the_request_deadline(serve, tmp_path):
     head = b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"a" * 200
     srv = serve({"/slow.jpg": (None, {}, trickle(head, 0.2))})  # 40 s of headers, never finished
-    record, seconds = _one_url_unit(srv, "/slow.jpg", tmp_path, timeout=1.0, request_deadline=1.5,
+    record, seconds = crawl_one_url(srv.url + "/slow.jpg", tmp_path, timeout=1.0, request_deadline=1.5,
                                     unit_idle_timeout=60.0)
     assert record["rejected"] == {"timeout": 1} and seconds < 7.0, (record["rejected"], seconds)
 
@@ -805,7 +810,7 @@ def test_an_idle_stop_ends_the_requests_in_flight(serve, tmp_path):
     """The issue's reproduction, shortened: a body at 1 byte per 0.5 s held its unit until the body
     ended (45 bytes at 1 byte/s: 45 s) whatever --unit-idle-timeout said."""
     srv = serve({"/slow.jpg": (200, {"Content-Type": "image/jpeg"}, trickle(b"\xff" * 45, 0.5))})
-    record, seconds = _one_url_unit(srv, "/slow.jpg", tmp_path, timeout=2.0, request_deadline=60.0,
+    record, seconds = crawl_one_url(srv.url + "/slow.jpg", tmp_path, timeout=2.0, request_deadline=60.0,
                                     unit_idle_timeout=1.5)
     assert record["rejected"] == {"timeout": 1} and record["idle_stops"] >= 1
     assert seconds < 7.0, seconds  # 1.5 s idle and the unit's tail, not the 22 s of the body
@@ -847,9 +852,7 @@ def test_dns_rebinding_cannot_reach_a_private_address(serve, tmp_path, fake_dns)
     srv = serve({"/a.jpg": (200, {"Content-Type": "image/jpeg"}, encode(smooth_image(400)))})
     port = srv.url.rsplit(":", 1)[1]
     answers["rebind.test"] = ["93.184.216.34", "127.0.0.1"]
-    unit = Unit("urls", "", "list", 0, 0, 1, ((f"http://rebind.test:{port}/a.jpg", ("thing",)),))
-    opts = _options(fast_config(tmp_path, respect_robots=False, allow_private=False, retries=1))
-    record = crawl_unit(unit, opts, str(tmp_path / "units"), None)
+    record, _ = crawl_one_url(f"http://rebind.test:{port}/a.jpg", tmp_path, allow_private=False, retries=1)
     assert srv.requests == 0 and record["accepted"] == 0
     assert "127.0.0.1" not in connects and connects == ["93.184.216.34"]
     # the retry looked the name up again, got loopback, and was refused before connecting
@@ -873,9 +876,7 @@ def test_a_pinned_connection_still_names_the_host(serve, fake_dns):
 
 def test_a_name_that_does_not_resolve_is_a_retried_dns_error(serve, tmp_path, fake_dns):
     answers, lookups, connects = fake_dns
-    unit = Unit("urls", "", "list", 0, 0, 1, (("http://gone.test/a.jpg", ("thing",)),))
-    opts = _options(fast_config(tmp_path, respect_robots=False, allow_private=False, retries=2))
-    record = crawl_unit(unit, opts, str(tmp_path / "units"), None)
+    record, _ = crawl_one_url("http://gone.test/a.jpg", tmp_path, allow_private=False, retries=2)
     assert record["rejected"] == {"dns_error": 1} and lookups == ["gone.test"] * 3 and connects == []
     assert record["requests_refused"] == 0
 
@@ -885,7 +886,7 @@ def test_a_gzip_bomb_is_cut_at_max_bytes(serve, tmp_path):
 
     bomb = gzip.compress(b"\0" * 50_000_000, 9)  # about 50 KB on the wire
     srv = serve({"/z.jpg": (200, {"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}, bomb)})
-    record, _ = _one_url_unit(srv, "/z.jpg", tmp_path, max_bytes=1_000_000)
+    record, _ = crawl_one_url(srv.url + "/z.jpg", tmp_path, max_bytes=1_000_000)
     assert len(bomb) < 100_000 and record["rejected"] == {"too_large": 1}
 
 
@@ -905,10 +906,10 @@ def test_retry_after_as_an_http_date_is_honoured_and_capped(serve, tmp_path):
         when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=seconds), usegmt=True)
         return (503, {"Retry-After": when}, b"busy") if n == 1 else (200, {"Content-Type": "image/jpeg"}, jpg)
     srv = serve({"/a.jpg": lambda n: busy(n, 3), "/b.jpg": lambda n: busy(n, 3600)})
-    record, _ = _one_url_unit(srv, "/a.jpg", tmp_path, retries=1, backoff=0.05, max_backoff=30.0)
+    record, _ = crawl_one_url(srv.url + "/a.jpg", tmp_path, retries=1, backoff=0.05, max_backoff=30.0)
     gap = srv.times["/a.jpg"][1] - srv.times["/a.jpg"][0]
     assert record["accepted"] == 1 and 1.5 < gap < 4.5, gap  # the date's second is cut: 2-3 s, not 0.05 s
-    record, _ = _one_url_unit(srv, "/b.jpg", tmp_path / "b", retries=1, backoff=0.05, max_backoff=0.5)
+    record, _ = crawl_one_url(srv.url + "/b.jpg", tmp_path / "b", retries=1, backoff=0.05, max_backoff=0.5)
     gap = srv.times["/b.jpg"][1] - srv.times["/b.jpg"][0]
     assert record["accepted"] == 1 and gap < 2.0, gap  # an hour asked, --max-backoff 0.5 s given
 
@@ -1012,9 +1013,11 @@ import resource, sys, threading
 from maskless.ingest.validator import PixelBudget, clean_image
 data, budget = open(sys.argv[1], "rb").read(), PixelBudget(int(sys.argv[2]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-threads = [threading.Thread(target=clean_image, args=(data,), kwargs={"pixels": budget}) for _ in range(4)]
+done = []
+threads = [threading.Thread(target=lambda: done.append(clean_image(data, pixels=budget).width)) for _ in range(4)]
 [t.start() for t in threads]
 [t.join() for t in threads]
+assert done == [512] * 4, done
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
 """
 
