@@ -3,7 +3,8 @@
 A 34-byte lossless WebP declaring 6000 x 6000 px passes the pixel cap (36 M < 40 M) and decodes to
 hundreds of MB. Each case runs in a fresh process, `threads` threads calling validator.clean_image
 on the same body at once, sharing one PixelBudget as a crawl task's download threads do; the figure
-is the process's peak resident memory above what it held before the first decode (ru_maxrss).
+is the process's peak resident memory above what it held before the first decode (VmHWM of
+/proc/self/status: ru_maxrss would carry over the parent's peak through exec).
 
     .venv/bin/python -m bench.decode_memory [--json FILE]
 """
@@ -13,7 +14,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,6 +46,12 @@ def body(kind: str) -> bytes:
     return buf.getvalue()
 
 
+def peak_kib() -> int:
+    """This process's peak resident memory (Linux)."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1])
+
+
 def child(case: str, path: str) -> dict:
     from maskless.ingest.validator import PixelBudget, clean_image
 
@@ -53,14 +59,14 @@ def child(case: str, path: str) -> dict:
     with open(path, "rb") as f:
         data = f.read()
     budget = PixelBudget(limit)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kib()
     t0 = time.perf_counter()
     workers = [threading.Thread(target=clean_image, args=(data,), kwargs={"pixels": budget}) for _ in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kib()
     return {"peak_mb": round((peak - before) / 1024), "seconds": round(time.perf_counter() - t0, 2),
             "body_bytes": len(data), "budget_peak_pixels": budget.peak}
 

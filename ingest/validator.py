@@ -23,8 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 if "PILLOW_BLOCK_SIZE" not in os.environ:
     # Pillow allocates image memory in blocks of 16 MB, under glibc's mmap threshold once it has grown:
     # a big decode's blocks then stay in the malloc arena of the thread that decoded it, and four
-    # threads decoding one after another (the pixel budget below) held 749 MB against 555 MB for one
-    # (`PILLOW_BLOCK_SIZE=16m python -m bench.decode_memory`; 616 MB with this). Blocks of 64 MB are
+    # threads decoding one after another (the pixel budget below) held 749-844 MB against 554 MB for
+    # one (`PILLOW_BLOCK_SIZE=16m python -m bench.decode_memory`; 616 MB with this). Blocks of 64 MB are
     # mapped and unmapped whole, so what one decode frees goes back to the system. Pillow's block
     # allocator: https://pillow.readthedocs.io/en/stable/reference/block_allocator.html
     Image.core.set_block_size(64 * 2**20)
