@@ -56,7 +56,7 @@ def robots_opt_out(header: str | None, agent: str = AGENT) -> bool:
 
 
 class HostLimiter:
-    """At most `concurrency` requests at once per host (in this task), and request starts `1/rate`
+    """At most `concurrency` requests at once per host (in this unit), and request starts `1/rate`
     seconds apart, or the host's own delay (its robots.txt Crawl-delay) when longer, booked with
     `pacer` (ingest/pacer.py): the crawl's shared pace book, so that pace holds for the whole crawl."""
 
@@ -216,7 +216,7 @@ class MasklessDownloader(ImageDownloader):
         super().__init__(thread_num, signal, session, storage)
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
-        pacer = SharedPacer(o["pacer"]) if o.get("pacer") is not None else None  # None: this task's own pace
+        pacer = SharedPacer(o["pacer"]) if o.get("pacer") is not None else None  # None: this unit's own pace
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer)
         store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
         self.robots = RobotsCache(self._fetch_robots, store)
