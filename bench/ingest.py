@@ -1,67 +1,158 @@
-"""Bench: the same loopback URL list through `maskless crawl --engine urls` and through img2dataset.
+"""Bench: the same loopback URL list through `maskless crawl --engine urls` and through img2dataset,
+beside the floor of the work itself.
 
-1. Builds 1,000+ real-size JPEGs from --source (default: the COCO val2017 sample in shared/realdata)
-   by re-encoding the 8 flips/rotations of each image, full and centre-cropped to 85 %.
-2. Serves them on 127.0.0.1 with `python -m http.server` in its own process and writes url,label CSV.
-3. Runs, one after the other on the same cores: our run_crawl (urls engine, Ray with --processes
-   tasks x --threads threads) and img2dataset (its own virtualenv, --processes x --threads,
-   webdataset output), both resizing the longest side to --image-size (never up) at JPEG quality 90.
-4. Prints images/s of each (end to end, start-up included) and the ratio ours / img2dataset.
+1. Makes --urls N distinct photo-like JPEGs (default 640 px on the longest side, deterministic:
+   generated here, so a fresh clone needs nothing else), or takes them from --source (a folder of
+   JPEGs, re-encoded as flipped/rotated/cropped variants until there are enough).
+2. Serves them on 127.0.0.1 with `python -m http.server` in its own process and writes a url,label CSV.
+3. For each size, back to back on the same cores:
+   - the floor: a plain multiprocessing pool of --processes over the same files, decoding, resizing
+     (longest side --image-size, never up) and JPEG-encoding each, no network: once with PIL and
+     OpenCV alone (JPEG draft decoding to the target size, area resize), once through our
+     validator's clean_image (the crawl's own pixel work: the same plus its checks and hashes);
+   - `maskless crawl` as a user runs it: its own process (`python -m maskless.cli crawl`, Ray start
+     and imports included), --processes Ray workers x --threads threads, no per-host limit;
+   - img2dataset (its own virtualenv, --processes x --threads, webdataset output), same resize.
+4. Prints images/s of each (whole process, start-up included), the ratio ours / img2dataset and
+   ours / floor, and the machine's load average before and after each run.
 
-    .venv/bin/python -m bench.ingest [--images 1264] [--work /tmp/maskless-bench-ingest] [--out result.json]
+    python -m bench.ingest [--urls 1000,10000] [--work DIR] [--img2dataset-venv DIR] [--json OUT]
 
-img2dataset pins an old webdataset, so it lives in --img2dataset-venv (created here with pip when
-missing) and never in the project's venv. If it cannot be installed, the bench says so and reports
-our figures only.
+img2dataset pins an old webdataset, so it lives in its own virtualenv, created on first use under
+~/.cache/maskless/img2dataset-venv with `pip install img2dataset` (give --img2dataset-venv to use
+another, --no-img2dataset to skip it). When it cannot be installed the bench says so and reports
+our figures and the floor only.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
+import multiprocessing
 import os
+import resource
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from bench.common import write_result
 
-DEFAULT_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                              "realdata", "coco_mini_val2017", "val2017")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_VENV = os.path.join(os.path.expanduser("~"), ".cache", "maskless", "img2dataset-venv")
 
 
-def make_images(source: str, out: str, count: int) -> list[str]:
-    """Distinct real-size JPEGs: the dihedral variants of each source image, full and cropped."""
+def synthetic_photo(index: int, side: int = 640) -> bytes:
+    """A deterministic photo-like JPEG (smooth colour field, a few blurred shapes, fine grain), so its
+    size and decode cost resemble a real photo's (about 50-70 KB at 640 x 480) and every index differs."""
+    import cv2
+
+    rng = np.random.default_rng(index)
+    w, h = (side, side * 3 // 4) if index % 3 else (side * 3 // 4, side)  # a third portrait
+    field = cv2.resize(rng.uniform(0, 255, (6, 8, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    for _ in range(int(rng.integers(3, 8))):
+        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        axes = (int(rng.integers(w // 16, w // 3)), int(rng.integers(h // 16, h // 3)))
+        cv2.ellipse(field, centre, axes, float(rng.uniform(0, 180)), 0, 360, rng.uniform(0, 255, 3).tolist(), -1)
+    field = cv2.GaussianBlur(field, (0, 0), 2.0)
+    grain = cv2.resize(rng.normal(0, 10, (h // 2, w // 2)).astype(np.float32), (w, h))
+    field += grain[..., None]
+    img = cv2.convertScaleAbs(np.minimum(field, 255, out=field))  # |x| folds the few values below 0
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _write_generated(job: tuple[str, int, int]) -> None:
+    path, index, side = job
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(synthetic_photo(index, side))
+    os.replace(tmp, path)
+
+
+def _variant(job: tuple[str, str, int]) -> None:
+    """Variant `variant` of a real photo: mirrored, rotated by 90 degree steps, cropped to 85 %."""
+    path, source, variant = job
+    img = Image.open(source).convert("RGB")
+    if variant & 1:
+        img = ImageOps.mirror(img)
+    img = img.rotate(90 * ((variant >> 1) & 3), expand=True)
+    if variant >> 3:
+        w, h = img.size
+        img = img.crop((int(w * 0.075), int(h * 0.075), w - int(w * 0.075), h - int(h * 0.075)))
+    img.save(path + ".tmp", "JPEG", quality=90)
+    os.replace(path + ".tmp", path)
+
+
+def make_images(out: str, count: int, side: int, source: str | None, processes: int) -> list[str]:
+    """File names of `count` distinct JPEGs in `out`, made once and reused by later runs."""
     os.makedirs(out, exist_ok=True)
-    sources = sorted(glob.glob(os.path.join(source, "*.jpg")))
-    if not sources:
-        raise FileNotFoundError(f"no JPEGs in {source} (give --source a folder of real photos)")
-    names = []
-    for variant in range(16):
-        for path in sources:
-            if len(names) >= count:
-                return names
-            name = f"v{variant:02d}_{os.path.basename(path)}"
-            names.append(name)
-            target = os.path.join(out, name)
-            if os.path.exists(target):
-                continue
-            img = Image.open(path).convert("RGB")
-            flip, rot, crop = variant & 1, (variant >> 1) & 3, variant >> 3
-            if flip:
-                img = ImageOps.mirror(img)
-            img = img.rotate(90 * rot, expand=True)
-            if crop:
-                w, h = img.size
-                dw, dh = int(w * 0.075), int(h * 0.075)
-                img = img.crop((dw, dh, w - dw, h - dh))
-            img.save(target, "JPEG", quality=90)
-    return names
+    if source:
+        sources = sorted(glob.glob(os.path.join(source, "*.jpg")))
+        if len(sources) * 16 < count:
+            raise FileNotFoundError(f"{source} has {len(sources)} JPEGs: at most {len(sources) * 16} variants, "
+                                    f"{count} asked for")
+        jobs = [(os.path.join(out, f"v{i // len(sources):02d}_{os.path.basename(sources[i % len(sources)])}"),
+                 sources[i % len(sources)], i // len(sources)) for i in range(count)]
+        work = _variant
+    else:
+        jobs = [(os.path.join(out, f"gen{side}_{i:06d}.jpg"), i, side) for i in range(count)]
+        work = _write_generated
+    missing = [j for j in jobs if not os.path.exists(j[0])]
+    if missing:
+        print(f"bench.ingest: making {len(missing)} images in {out}", flush=True)
+        with multiprocessing.Pool(processes) as pool:
+            pool.map(work, missing, chunksize=64)
+    return [os.path.basename(j[0]) for j in jobs]
 
+
+# ---------------------------------------------------------------- the floor: no network, no crawler
+
+def _decode_resize_encode(job: tuple[str, int, bool]) -> int:
+    """One image's pixel work: our validator's own (`validator=True`: decode, checks, resize, encode,
+    hashes), or a plain PIL/OpenCV pass (JPEG draft decoding to the target size, area resize, encode)."""
+    import cv2
+
+    from maskless.ingest.validator import clean_image
+
+    path, size, validator = job
+    with open(path, "rb") as f:
+        data = f.read()
+    if validator:
+        return len(clean_image(data, size, 90, 1).jpg)
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    scale = min(1.0, size / max(w, h))
+    target = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img.draft("RGB", target)  # decode at 1/2..1/8 scale where that still covers the target
+    img = img.convert("RGB")
+    if img.size != target:
+        img = Image.fromarray(cv2.resize(np.asarray(img), target, interpolation=cv2.INTER_AREA))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return len(buf.getvalue())
+
+
+def run_floor(paths: list[str], processes: int, size: int, validator: bool) -> dict:
+    """Images/s of a plain pool doing each file's pixel work, no network (the pool's start included)."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    with multiprocessing.Pool(processes) as pool:
+        pool.map(_decode_resize_encode, [(p, size, validator) for p in paths], chunksize=32)
+    seconds = time.time() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool's processes, reaped by now
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+    return {"seconds": seconds, "images_per_second": len(paths) / seconds, "cpu_seconds": cpu}
+
+
+# ---------------------------------------------------------------- the two tools
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -69,38 +160,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_img2dataset(venv: str) -> str | None:
-    """Path of the img2dataset executable in its own venv, installing it with pip when missing."""
+def ensure_img2dataset(venv: str) -> tuple[str | None, str]:
+    """(img2dataset executable or None, why not): installs it with pip into `venv` when missing."""
     exe = os.path.join(venv, "bin", "img2dataset")
     if os.path.exists(exe):
-        return exe
+        return exe, ""
     try:
+        print(f"bench.ingest: installing img2dataset into {venv} (pip, once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
         subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "img2dataset"], check=True)
-    except subprocess.CalledProcessError as e:
-        print(f"img2dataset could not be installed into {venv} ({e}); comparing nothing, reporting ours only")
-        return None
-    return exe if os.path.exists(exe) else None
+    except (OSError, subprocess.CalledProcessError) as e:
+        return None, f"img2dataset could not be installed into {venv} ({e})"
+    return (exe, "") if os.path.exists(exe) else (None, f"pip installed no {exe}")
 
 
 def run_ours(csv_path: str, out: str, args) -> dict:
-    import ray
-
-    from maskless.ingest.crawl import CrawlConfig, run_crawl
-    from maskless.ray_runtime import init_ray
-
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.time()
-    init_ray(num_cpus=args.processes)
-    t_ray = time.time()
-    cfg = CrawlConfig(engine=["urls"], urls=csv_path, out=out, allow_private=True, image_size=args.image_size,
-                      jpeg_quality=90, shard_size=args.shard_size, threads=args.threads, workers=args.processes,
-                      task_cpus=1.0, per_host_rps=0, per_host_concurrency=args.threads, timeout=10, retries=0,
-                      min_size=1, progress=False)
-    summary = run_crawl(cfg)
-    t1 = time.time()
-    ray.shutdown()
-    return {"seconds": t1 - t0, "crawl_seconds": summary["crawl_seconds"], "seconds_without_ray_start": t1 - t_ray,
+    cmd = [sys.executable, "-m", "maskless.cli", "crawl", "--engine", "urls", "--urls", csv_path, "--out", out,
+           "--allow-private", "--image-size", str(args.image_size), "--jpeg-quality", "90",
+           "--shard-size", str(args.shard_size), "--threads", str(args.threads), "--workers", str(args.processes),
+           "--task-cpus", "1", "--per-host-rps", "0", "--per-host-concurrency", str(args.threads),
+           "--timeout", "10", "--retries", "0", "--min-size", "1", "--no-progress",
+           "--num-cpus", str(args.processes)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)  # a local Ray of --processes CPUs, like img2dataset's processes
+    proc, seconds, cpu = run_watched(cmd, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"maskless crawl failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    with open(os.path.join(out, "crawl_summary.json")) as f:
+        summary = json.load(f)
+    unit_seconds = 0.0
+    for path in glob.glob(os.path.join(out, "_units", "*.stats.json")):
+        with open(path) as f:
+            unit_seconds += json.load(f)["seconds"]
+    # where the whole process's time went: outside run_crawl (imports, ray.init, Ray's shutdown at
+    # exit), the final pass, and the crawl beyond what the workers spent inside units (their start-up,
+    # the gaps between units)
+    return {"seconds": seconds, "cpu_seconds": cpu, "crawl_seconds": summary["crawl_seconds"],
+            "run_crawl_seconds": summary["seconds"],
+            "outside_run_crawl_seconds": seconds - summary["seconds"],
+            "finalize_seconds": summary["seconds"] - summary["crawl_seconds"],
+            "unit_seconds_per_worker": unit_seconds / args.processes,
             "accepted": summary["accepted_this_run"], "kept_after_dedup": summary["samples"],
             "rejected": {k: v for g in summary["by_engine_class"].values() for k, v in g["rejected"].items()}}
 
@@ -114,9 +214,7 @@ def run_img2dataset(exe: str, csv_path: str, out: str, args) -> dict:
            "--number_sample_per_shard", str(args.shard_size), "--timeout", "10", "--retries", "0",
            "--enable_wandb", "False"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.time() - t0
+    proc, seconds, cpu = run_watched(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"img2dataset failed ({proc.returncode}): {proc.stderr[-2000:]}")
     ok = failed = 0
@@ -125,61 +223,185 @@ def run_img2dataset(exe: str, csv_path: str, out: str, args) -> dict:
             st = json.load(f)
         ok += st.get("successes", 0)
         failed += st.get("failed_to_download", 0) + st.get("failed_to_resize", 0)
-    return {"seconds": seconds, "accepted": ok, "failed": failed}
+    return {"seconds": seconds, "cpu_seconds": cpu, "accepted": ok, "failed": failed}
 
 
-def main() -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:  # it just exited
+        pass
+    return kids
+
+
+class TreeCPU:
+    """CPU seconds of a process and all its descendants (Ray's raylet, workers...), sampled twice a
+    second while it runs: a measure of work that, unlike images/s, other jobs on the cores barely
+    change. A process loses the CPU it used after its last sample (at most half a second's worth)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.seen = interval, {}
+        self._stop = threading.Event()
+
+    def watch(self, root: int) -> None:
+        self._thread = threading.Thread(target=self._run, args=(root,), daemon=True)
+        self._thread.start()
+
+    def _run(self, root: int) -> None:
+        while not self._stop.is_set():
+            todo = [root]
+            while todo:
+                pid = todo.pop()
+                try:
+                    self.seen[pid] = max(self.seen.get(pid, 0.0), cpu_seconds(pid))
+                except (OSError, IndexError):
+                    continue
+                todo += _children(pid)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.seen.values())
+
+
+def run_watched(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float, float]:
+    """(completed process, wall seconds, CPU seconds of its process tree)."""
+    tree = TreeCPU()
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    tree.watch(proc.pid)
+    out, err = proc.communicate()
+    seconds = time.time() - t0
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds, tree.stop()
+
+
+def timed(server_pid: int, fn, *a) -> dict:
+    """fn's result with the 1-minute load average before and after (other jobs on the cores skew it)
+    and the CPU seconds the image server spent meanwhile (it shares the cores with the tool)."""
+    before, server = os.getloadavg()[0], cpu_seconds(server_pid)
+    result = fn(*a)
+    return {**result, "load_before": round(before, 2), "load_after": round(os.getloadavg()[0], 2),
+            "server_cpu_seconds": round(cpu_seconds(server_pid) - server, 2)}
+
+
+def bench_size(n: int, names: list[str], images_dir: str, server, port: int, exe: str | None,
+               args) -> tuple[list, dict]:
+    """One size: floor, ours, img2dataset, back to back; (rows, raw results)."""
+    sub = names[:n]
+    csv_path = os.path.join(args.work, f"urls-{n}.csv")
+    with open(csv_path, "w") as f:
+        f.write("url,label\n")
+        for name in sub:
+            f.write(f"http://127.0.0.1:{port}/{name},photo\n")
+    paths = [os.path.join(images_dir, name) for name in sub]
+    floor = timed(server.pid, run_floor, paths, args.processes, args.image_size, False)
+    floor_ours = timed(server.pid, run_floor, paths, args.processes, args.image_size, True)
+    ours = timed(server.pid, run_ours, csv_path, os.path.join(args.work, f"ours-{n}"), args)
+    theirs = (timed(server.pid, run_img2dataset, exe, csv_path, os.path.join(args.work, f"img2dataset-{n}"), args)
+              if exe else None)
+    rate = ours["accepted"] / ours["seconds"]
+    tag = f"{n} urls:"
+    rows = [
+        {"metric": f"{tag} floor: PIL draft + OpenCV resize + encode", "value": floor["images_per_second"],
+         "unit": "images/s"},
+        {"metric": f"{tag} floor: our validator's clean_image", "value": floor_ours["images_per_second"],
+         "unit": "images/s"},
+        {"metric": f"{tag} floor CPU per image: PIL draft / clean_image",
+         "value": f"{1000 * floor['cpu_seconds'] / n:.2f} / {1000 * floor_ours['cpu_seconds'] / n:.2f}", "unit": "ms"},
+        {"metric": f"{tag} maskless crawl accepted", "value": ours["accepted"], "unit": "images"},
+        {"metric": f"{tag} maskless crawl, whole process", "value": rate, "unit": "images/s"},
+        {"metric": f"{tag} maskless crawl: CPU per image (its processes)", "value": 1000 * ours["cpu_seconds"] / n,
+         "unit": "ms"},
+        {"metric": f"{tag} maskless crawl: server CPU per image", "value": 1000 * ours["server_cpu_seconds"] / n,
+         "unit": "ms"},
+        {"metric": f"{tag} maskless: outside run_crawl (imports, ray.init, exit)",
+         "value": ours["outside_run_crawl_seconds"], "unit": "s"},
+        {"metric": f"{tag} maskless: crawl, workers' time in units", "value": ours["unit_seconds_per_worker"],
+         "unit": "s"},
+        {"metric": f"{tag} maskless: crawl, the rest (workers' start, gaps)",
+         "value": ours["crawl_seconds"] - ours["unit_seconds_per_worker"], "unit": "s"},
+        {"metric": f"{tag} maskless: final pass and summary", "value": ours["finalize_seconds"], "unit": "s"},
+        {"metric": f"{tag} maskless / floor (PIL draft)", "value": rate / floor["images_per_second"], "unit": "x"},
+        {"metric": f"{tag} maskless / floor (clean_image)", "value": rate / floor_ours["images_per_second"],
+         "unit": "x"},
+    ]
+    if theirs:
+        their_rate = theirs["accepted"] / theirs["seconds"]
+        rows += [
+            {"metric": f"{tag} img2dataset written", "value": theirs["accepted"], "unit": "images"},
+            {"metric": f"{tag} img2dataset, whole process", "value": their_rate, "unit": "images/s"},
+            {"metric": f"{tag} img2dataset: CPU per image (its processes)",
+             "value": 1000 * theirs["cpu_seconds"] / n, "unit": "ms"},
+            {"metric": f"{tag} img2dataset: server CPU per image", "value": 1000 * theirs["server_cpu_seconds"] / n,
+             "unit": "ms"},
+            {"metric": f"{tag} ratio maskless / img2dataset", "value": rate / their_rate, "unit": "x"},
+        ]
+    loads = [floor["load_before"], ours["load_before"], ours["load_after"]] + ([theirs["load_after"]] if theirs else [])
+    rows.append({"metric": f"{tag} load average (1 min) around the runs",
+                 "value": "/".join(f"{x:.1f}" for x in loads), "unit": ""})
+    return rows, {"floor": floor, "floor_clean_image": floor_ours, "ours": ours, "img2dataset": theirs}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source", default=DEFAULT_SOURCE)
-    ap.add_argument("--images", type=int, default=1264)
-    ap.add_argument("--work", default="/tmp/maskless-bench-ingest")
-    ap.add_argument("--img2dataset-venv", default="/work/bench-venvs/img2dataset")
+    ap.add_argument("--urls", default="1000,10000", help="URL list sizes, comma separated")
+    ap.add_argument("--source", default=None, help="a folder of JPEGs to make variants of (default: generated)")
+    ap.add_argument("--side", type=int, default=640, help="longest side of generated images")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maskless-bench-ingest"))
+    ap.add_argument("--img2dataset-venv", default=DEFAULT_VENV)
+    ap.add_argument("--no-img2dataset", action="store_true", help="skip the img2dataset row")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=16)
-    ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--shard-size", type=int, default=250)
     ap.add_argument("--json", default=None, help="write the result JSON here")
-    args = ap.parse_args()
+    return ap
 
-    images_dir = os.path.join(args.work, "images")
-    names = make_images(os.path.abspath(args.source), images_dir, args.images)
-    mb = sum(os.path.getsize(os.path.join(images_dir, n)) for n in names) / 2**20
+
+def compare(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every size of --urls, back to back: (rows for write_result, the raw results by size)."""
+    sizes = [int(x) for x in args.urls.split(",")]
+    images_dir = os.path.join(args.work, "images" if args.source else f"generated-{args.side}")
+    names = make_images(images_dir, max(sizes), args.side, args.source, args.processes)
+    exe, why = (None, "skipped (--no-img2dataset)") if args.no_img2dataset else ensure_img2dataset(args.img2dataset_venv)
+    if exe is None:
+        print(f"bench.ingest: img2dataset row skipped: {why}", flush=True)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                "--directory", images_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows, raw = [], {}
     try:
         time.sleep(1.0)
-        csv_path = os.path.join(args.work, "urls.csv")
-        with open(csv_path, "w") as f:
-            f.write("url,label\n")
-            for n in names:
-                f.write(f"http://127.0.0.1:{port}/{n},photo\n")
-        exe = ensure_img2dataset(args.img2dataset_venv)
-        ours = run_ours(csv_path, os.path.join(args.work, "ours"), args)
-        theirs = run_img2dataset(exe, csv_path, os.path.join(args.work, "img2dataset"), args) if exe else None
+        for n in sizes:
+            r, raw[n] = bench_size(n, names, images_dir, server, port, exe, args)
+            rows += r
     finally:
         server.terminate()
         server.wait()
-    rows = [
-        {"metric": "urls (real-size JPEGs, loopback)", "value": len(names), "unit": f"images, {mb:.0f} MiB"},
-        {"metric": "maskless crawl: images accepted", "value": ours["accepted"], "unit": "images"},
-        {"metric": "maskless crawl: kept after near-dup merge", "value": ours["kept_after_dedup"], "unit": "images"},
-        {"metric": "maskless crawl: end to end (Ray start included)", "value": ours["accepted"] / ours["seconds"],
-         "unit": "images/s"},
-        {"metric": "maskless crawl: without Ray start", "value": ours["accepted"] / ours["seconds_without_ray_start"],
-         "unit": "images/s"},
-    ]
-    if theirs:
-        rows += [
-            {"metric": "img2dataset: images written", "value": theirs["accepted"], "unit": "images"},
-            {"metric": "img2dataset: end to end", "value": theirs["accepted"] / theirs["seconds"], "unit": "images/s"},
-            {"metric": "ratio maskless / img2dataset (end to end)",
-             "value": (ours["accepted"] / ours["seconds"]) / (theirs["accepted"] / theirs["seconds"]), "unit": "x"},
-        ]
-    else:
-        rows.append({"metric": "img2dataset", "value": "not installed: no comparison", "unit": ""})
-    write_result("ingest", rows, args.json, ours=ours, img2dataset=theirs,
-                 settings={k: getattr(args, k) for k in ("processes", "threads", "image_size", "shard_size")})
+    mb = sum(os.path.getsize(os.path.join(images_dir, n)) for n in names[:max(sizes)]) / 2**20
+    rows.insert(0, {"metric": "source images (loopback, python -m http.server)", "value": max(sizes),
+                    "unit": f"JPEGs, {mb:.0f} MiB, longest side {args.side if not args.source else 'as given'}"})
+    if exe is None:
+        rows.append({"metric": "img2dataset", "value": f"skipped: {why}", "unit": ""})
+    return rows, raw
+
+
+def main() -> None:
+    args = parser().parse_args()
+    rows, raw = compare(args)
+    write_result("ingest", rows, args.json, runs=raw,
+                 settings={k: getattr(args, k) for k in ("processes", "threads", "image_size", "shard_size", "side")})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ Each section is one function of SECTIONS, chosen with --only (default: all of th
   each size. Each run is a fresh process: its wall time, the units planned, and the driver's peak RSS
   added by planning (VmHWM after planning minus VmRSS before it, the peak reset in between through
   /proc/self/clear_refs). Then what a task pays to read one slice: the first and the last unit of the list.
+- crawl: a real loopback crawl of --crawl-urls URLs through `maskless crawl` and img2dataset, beside
+  the decode+resize+encode floor (bench/ingest.py, which has the details and more options).
 
-    .venv/bin/python -m bench.ingest_scale [--only plan] [--sizes 10000,100000,1000000,10000000] [--json OUT]
+    .venv/bin/python -m bench.ingest_scale [--only plan,crawl] [--sizes 10000,100000,1000000,10000000] [--json OUT]
 """
 from __future__ import annotations
 
@@ -123,7 +125,16 @@ def bench_plan(args) -> list[dict]:
     return rows
 
 
-SECTIONS = {"plan": bench_plan}
+def bench_crawl(args) -> list[dict]:
+    """A real loopback crawl of --crawl-urls URLs against img2dataset and the decode+resize+encode
+    floor: bench/ingest.py's comparison with its defaults (its own command takes more options)."""
+    from bench import ingest
+
+    rows, _ = ingest.compare(ingest.parser().parse_args(["--urls", args.crawl_urls]))
+    return rows
+
+
+SECTIONS = {"plan": bench_plan, "crawl": bench_crawl}
 
 
 def main() -> None:
@@ -132,6 +143,7 @@ def main() -> None:
     p.add_argument("--sizes", default="10000,100000,1000000,10000000",
                    type=lambda s: [int(x) for x in s.split(",") if x.strip()], help="rows of the synthetic lists")
     p.add_argument("--shard-size", type=int, default=500, help="the crawl's shard_size (rows per unit)")
+    p.add_argument("--crawl-urls", default="1000,10000", help="section crawl: URL list sizes, comma separated")
     p.add_argument("--work", default=None, help="folder for the synthetic lists (default: the system temp folder)")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--plan-child", default=None, help=argparse.SUPPRESS)  # the fresh process of one plan run

@@ -1,11 +1,11 @@
 """`maskless crawl`: search by keyword (or read URL lists) into clean, deduplicated, labelled shards.
 
 The crawl is a list of work units, one per (engine, query, result window) or per slice of a URL
-list (reader.py: planned by reference, read by the task), run as Ray tasks with a bound on how
-many are in flight. Each unit drives icrawler (engines.py) with our downloader
-(downloader.py) and writes its samples as ONE shard under OUT/_units/; that shard's tar is the
-unit's completion record (the shard commit rule), so a rerun skips finished units and a Ray retry
-of a finished unit returns its record. A final pass (dedup.py) reads every unit manifest, merges
+list (reader.py: planned by reference, read by the unit), run by a few long-lived crawl workers
+(Ray actors) with a bound on how many units are in flight. Each unit drives icrawler (engines.py)
+with our downloader (downloader.py) and writes its samples as ONE shard under OUT/_units/; that
+shard's tar is the unit's completion record (the shard commit rule), so a rerun skips finished
+units and a Ray retry of a finished unit returns its record. A final pass (dedup.py) reads every unit manifest, merges
 exact and near duplicates across units, engines and runs, and writes the dataset's shards in OUT,
 each derived from one unit shard and rewritten only when its dedup decision changed.
 Docs: docs/CRAWL.md.
@@ -19,18 +19,21 @@ import math
 import os
 import posixpath
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from tqdm import tqdm
+from urllib3 import PoolManager
 
 from maskless.core import errors, resources, shards, storage
 from maskless.ingest.dedup import decide
-from maskless.ingest.engines import ENGINES, Unit, run_unit
+from maskless.ingest.downloader import UnitSink
+from maskless.ingest.engines import ENGINES, Unit, connection_pools, run_unit
 from maskless.ingest.local_engine import LocalSearchServer
 from maskless.ingest.pacer import start_pacer
 from maskless.ingest.reader import FORMATS, FilePlan, ListOptions, find_lists, plan_lists, save_ledgers
+from maskless.ingest.progress import CrawlProgress, live_counts
+from maskless.ingest.validator import PixelBudget
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ UNITS_DIR = "_units"
 LISTS_DIR = "_lists"    # what each URL list file's earlier commands planned of it (ingest/reader.py)
 ROBOTS_DIR = "_robots"  # robots.txt answers shared by the run's tasks (ingest/robots.py RobotsStore)
 SUMMARY_FILE = "crawl_summary.json"
+PROGRESS_INTERVAL_S = 1.0  # how often the driver asks the crawl workers for their running units' counts
 DEFAULT_USER_AGENT = "maskless/0.1 (image dataset crawler; honours robots.txt and X-Robots-Tag noai/noimageai)"
 
 
@@ -82,8 +86,8 @@ class CrawlConfig:
     max_pixels: int = field(default=40_000_000, metadata={"help": "reject images with more pixels (bombs)"})
     max_bytes: int = field(default=20_000_000, metadata={"help": "reject downloads larger than this"})
     decode_pixels: int = field(default=40_000_000, metadata={
-        "help": "decoded pixels in flight per task, all its threads together (bounds decode memory)"})
-    per_host_concurrency: int = field(default=4, metadata={"help": "concurrent requests per host, per task"})
+        "help": "decoded pixels in flight per crawl worker, all its units and threads together (bounds decode memory)"})
+    per_host_concurrency: int = field(default=4, metadata={"help": "concurrent requests per host, per unit"})
     per_host_rps: float = field(default=5.0, metadata={"help": "request starts per second per host, for the whole crawl (0: no limit)"})
     retries: int = field(default=2, metadata={"help": "retries on 429, 5xx, timeouts and connection errors"})
     backoff: float = field(default=1.0, metadata={"help": "first retry delay in seconds (doubles each retry)"})
@@ -95,9 +99,11 @@ class CrawlConfig:
         "help": "read each image site's robots.txt (agent maskless) and skip what it disallows"})
     max_crawl_delay: float = field(default=30.0, metadata={
         "help": "skip sites whose robots.txt asks for more seconds between requests (shorter delays are kept)"})
-    threads: int = field(default=16, metadata={"help": "download threads per task"})
-    workers: int = field(default=4, metadata={"help": "Ray tasks in flight"})
-    task_cpus: float = field(default=0.5, metadata={"help": "CPUs Ray reserves per crawl task"})
+    threads: int = field(default=16, metadata={"help": "download threads per unit"})
+    workers: int = field(default=4, metadata={"help": "crawl workers (long-lived Ray actors, each running unit after unit)"})
+    units_per_worker: int = field(default=1, metadata={
+        "help": "units a crawl worker runs at once, `threads` download threads each"})
+    task_cpus: float = field(default=0.5, metadata={"help": "CPUs Ray reserves per crawl worker"})
     resources: Optional[dict[str, float]] = field(default=None, metadata={
         "help": "custom Ray resources per crawl task, NAME=AMOUNT,... (default: a share of crawl where nodes have it)"})
     near_dup_bits: int = field(default=4, metadata={
@@ -138,7 +144,7 @@ class CrawlConfig:
         for e in engines:
             if (e.needs_option and not getattr(self, e.needs_option)) or (e.needs_env and not os.environ.get(e.needs_env)):
                 raise ValueError(f"engine {e.name} needs {e.needs_help}")
-        for name in ("images_per_query", "image_size", "shard_size", "threads", "workers",
+        for name in ("images_per_query", "image_size", "shard_size", "threads", "workers", "units_per_worker",
                      "per_host_concurrency", "max_bytes", "max_pixels", "min_size", "decode_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -168,6 +174,12 @@ class CrawlPlan:
 
     units: list[Unit]
     lists: list[FilePlan] = field(default_factory=list)
+
+    def images(self) -> dict[str, int]:
+        """Images each unit may yield, by unit name: its list slice's rows (counted or estimated), or
+        its result window."""
+        rows_of = {s: n for fp in self.lists for s, n in zip(fp.slices, fp.slice_rows)}
+        return {u.name: rows_of[u.source] if u.source is not None else u.count for u in self.units}
 
 
 def plan_crawl(cfg: CrawlConfig) -> CrawlPlan:
@@ -204,13 +216,16 @@ def plan_units(cfg: CrawlConfig) -> list[Unit]:
     return plan_crawl(cfg).units
 
 
-def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | None) -> dict:
-    """Run one unit and commit its shard; a unit already committed returns its record unchanged."""
+def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | None,
+               pools: PoolManager | None = None, sink: UnitSink | None = None) -> dict:
+    """Run one unit and commit its shard; a unit already committed returns its record unchanged.
+
+    `pools` and `sink` come from a CrawlWorker: its connection pools, and a sink it can watch."""
     base = storage.join(units_root, unit.name)
     if storage.exists(base + ".tar"):
         return {**storage.read_json(base + ".stats.json"), "resumed": True}
     t0 = time.monotonic()
-    sink = run_unit(unit, options, local_base)
+    sink = run_unit(unit, options, local_base, sink, pools)
     c = sink.counts
     keys = sink.first(unit.count)
     stats = {
@@ -219,7 +234,7 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
         "duplicates": c["duplicates"], "bytes": c["bytes"], "requests_refused": c["requests_refused"],
         "idle_stops": c["idle_stops"], "pages_disallowed": c["pages_disallowed"], "robots_fetched": c["robots_fetched"],
         "rejected": dict(sink.rejected), "rejects": sink.rejects,
-        "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(),
+        "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(), "pid": os.getpid(),
     }
     try:
         with shards.ShardWriter(units_root, unit.name) as writer:
@@ -234,6 +249,41 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
     return {**info, "resumed": False}
 
 
+class CrawlWorker:
+    """A long-lived crawl process (a Ray actor) that runs unit after unit, `units_at_once` at a time.
+    It keeps what units share: the imports and the per-host HTTP connection pools. A
+    unit is still the unit of work: one shard, committed atomically, retried alone (on a restarted
+    worker when this one is lost). Its progress() answers while units run (its own concurrency group)."""
+
+    def __init__(self, options: dict, units_root: str, local_base: str | None, units_at_once: int):
+        self.options, self.units_root, self.local_base = options, units_root, local_base
+        self.pools = connection_pools(options["threads"] * units_at_once)
+        self.pixels = PixelBudget(options["decode_pixels"])  # one decode budget for all the units running here
+        self.running: dict[str, tuple[Unit, UnitSink]] = {}
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def crawl_unit(self, unit: Unit, pacer: Any) -> dict:
+        """Run one unit; `pacer` is the crawl's PacerActor (given per call: a handle among a restartable
+        actor's constructor arguments is one Ray cannot promise to keep for the restart)."""
+        sink = UnitSink()
+        self.running[unit.name] = (unit, sink)
+        try:
+            return crawl_unit(unit, {**self.options, "pacer": pacer, "pixel_budget": self.pixels}, self.units_root,
+                              self.local_base, self.pools, sink)
+        finally:
+            self.running.pop(unit.name, None)
+
+    def progress(self) -> dict[str, dict]:
+        """Live counts of the units running here (progress.live_counts), by unit name."""
+        out = {}
+        for name, (unit, sink) in list(self.running.items()):
+            with sink.lock:
+                out[name] = live_counts(sink.counts, sink.rejected, unit.count)
+        return out
+
+
 def _options(cfg: CrawlConfig) -> dict:
     keys = ("image_size", "jpeg_quality", "timeout", "request_deadline", "min_size", "max_pixels", "max_bytes",
             "decode_pixels", "per_host_concurrency", "per_host_rps", "retries", "backoff", "max_backoff",
@@ -242,43 +292,90 @@ def _options(cfg: CrawlConfig) -> dict:
     return {**{k: getattr(cfg, k) for k in keys}, "robots_store": storage.join(cfg.out, ROBOTS_DIR)}
 
 
-def _run_units(cfg: CrawlConfig, units: list[Unit], units_root: str, local_base: str | None) -> tuple[list, list]:
-    """Submit units as Ray tasks, at most cfg.workers in flight; returns (records, failures)."""
+def _run_units(cfg: CrawlConfig, units: list[Unit], units_root: str, local_base: str | None,
+               images: dict[str, int]) -> tuple[list, list]:
+    """Run units on cfg.workers CrawlWorker actors, units_per_worker at once on each, a unit going to
+    a worker as soon as it has room (so none waits behind a slow unit while another worker idles);
+    returns (records, failures)."""
     import ray
 
     if not ray.is_initialized():
         raise RuntimeError("run_crawl needs Ray initialised by the caller (ray.init(...) or the maskless CLI)")
-    # max_retries covers worker/node death; a retried unit finds its shard if it had committed
-    task = ray.remote(crawl_unit).options(**resources.crawl_options(cfg.task_cpus, cfg.resources), max_retries=3)
+    if not units:
+        return [], []
+    per_worker = cfg.units_per_worker
+    # a lost worker is restarted (elsewhere when its node is gone) and its units in flight are run
+    # again (max_task_retries): a retried unit finds its shard if it had committed
+    actor = ray.remote(concurrency_groups={"units": per_worker, "progress": 1})(CrawlWorker).options(
+        **resources.crawl_options(cfg.task_cpus, cfg.resources), max_restarts=-1, max_task_retries=3,
+        scheduling_strategy="SPREAD")
     pacer = start_pacer()  # per-host pace for the whole crawl (ingest/pacer.py)
-    options = {**_options(cfg), "pacer": pacer}
-    records, failures, pending = [], [], {}
-    todo = list(units)
-    bar = tqdm(total=len(units), desc="crawl units", unit="unit", disable=None if cfg.progress else True)
-    accepted = 0
+    workers = [actor.remote(_options(cfg), units_root, local_base, per_worker)
+               for _ in range(min(cfg.workers, len(units)))]
+    starting = {w.ready.remote(): i for i, w in enumerate(workers)}  # units go only to workers that started
+    load: dict[int, int] = {}  # worker -> units in flight, for the workers that started
+    pending: dict = {}         # unit ref -> (unit, worker)
+    polls: dict = {}           # progress ref -> worker
+    todo = deque(units)
+    records, failures = [], []
+    progress = CrawlProgress({u.name: images[u.name] for u in units}, cfg.progress)
+    next_poll = time.monotonic() + PROGRESS_INTERVAL_S
     try:
         while todo or pending:
-            while todo and len(pending) < cfg.workers:
-                u = todo.pop(0)
-                pending[task.remote(u, options, units_root, local_base)] = u
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            while todo and (free := [i for i in load if load[i] < per_worker]):
+                i = min(free, key=load.get)
+                u = todo.popleft()
+                pending[workers[i].crawl_unit.options(concurrency_group="units").remote(u, pacer)] = (u, i)
+                load[i] += 1
+            if not load and not starting:
+                raise RuntimeError(f"no crawl worker could start: {failures[-1]['error']}")
+            ready, _ = ray.wait(list(pending) + list(starting) + list(polls), num_returns=1,
+                                timeout=max(0.0, next_poll - time.monotonic()))
             for ref in ready:
-                u = pending.pop(ref)
-                try:
-                    rec = ray.get(ref)
-                except Exception as e:  # one bad unit must not lose the others' work
-                    error = str(e).splitlines()[-1] if str(e) else repr(e)  # the cause, not the remote traceback
-                    logger.error("unit %s failed: %s", u.name, error)
-                    failures.append({"unit": u.name, "error": error})
+                if ref in starting:
+                    i = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        load[i] = 0
+                    except Exception as e:  # this worker cannot start; the others go on
+                        logger.error("crawl worker %d could not start: %s", i, e)
+                        failures.append({"unit": None, "error": _last_line(e)})
+                elif ref in polls:
+                    polls.pop(ref)
+                    try:
+                        for name, counts in ray.get(ref).items():
+                            progress.unit_live(name, counts)
+                    except Exception:  # a worker being restarted: its units report when they end
+                        pass
                 else:
-                    records.append(rec)
-                    accepted += rec.get("accepted", 0)
-                bar.update(1)
-                bar.set_postfix(images=accepted)
+                    u, i = pending.pop(ref)
+                    load[i] -= 1
+                    try:
+                        rec = ray.get(ref)
+                    except Exception as e:  # one bad unit must not lose the others' work
+                        logger.error("unit %s failed: %s", u.name, e)
+                        failures.append({"unit": u.name, "error": _last_line(e)})
+                        progress.unit_ended(u.name, None)
+                    else:
+                        records.append(rec)
+                        progress.unit_ended(u.name, rec)
+            if time.monotonic() >= next_poll:
+                if cfg.progress:
+                    asked = set(polls.values())
+                    polls.update({workers[i].progress.options(concurrency_group="progress").remote(): i
+                                  for i in load if i not in asked})
+                    progress.show()
+                next_poll = time.monotonic() + PROGRESS_INTERVAL_S
     finally:
-        bar.close()
+        progress.close()
+        for w in workers:
+            ray.kill(w)
         ray.kill(pacer)
-    return records, failures
+    return records, [f for f in failures if f["unit"] is not None]
+
+
+def _last_line(e: Exception) -> str:
+    return str(e).splitlines()[-1] if str(e) else repr(e)
 
 
 def finalize(out: str, units_root: str, near_dup_bits: int) -> dict:
@@ -387,7 +484,7 @@ def _list_status(plan: CrawlPlan) -> dict:
 
 def dry_run(cfg: CrawlConfig, plan: CrawlPlan, done: set[str], seconds: float) -> dict:
     """What the crawl would do: units per engine and class, rows or result windows, requests to expect."""
-    rows_of = {s: n for fp in plan.lists for s, n in zip(fp.slices, fp.slice_rows)}
+    images_of = plan.images()
     groups: dict[str, dict] = {}
     pages = images = 0
     for u in plan.units:
@@ -399,7 +496,7 @@ def dry_run(cfg: CrawlConfig, plan: CrawlPlan, done: set[str], seconds: float) -
                 else {"results": 0})}
         g = groups[key]
         g["units"] += 1
-        n = rows_of[u.source] if u.source is not None else u.count
+        n = images_of[u.name]
         g["rows" if u.source is not None else "results"] += n
         if u.name in done:
             continue
@@ -462,7 +559,7 @@ def run_crawl(cfg: CrawlConfig) -> dict:
     logger.info("crawl: %d units, %d already done", len(units), len(units) - len(todo))
     local_base = server.start() if server is not None else None
     try:
-        records, failures = _run_units(cfg, todo, units_root, local_base)
+        records, failures = _run_units(cfg, todo, units_root, local_base, plan.images())
     finally:
         if server is not None:
             server.stop()

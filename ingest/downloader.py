@@ -59,7 +59,7 @@ def robots_opt_out(header: str | None, agent: str = AGENT) -> bool:
 
 
 class HostLimiter:
-    """At most `concurrency` requests at once per host (in this task), and request starts `1/rate`
+    """At most `concurrency` requests at once per host (in this unit), and request starts `1/rate`
     seconds apart, or the host's own delay (its robots.txt Crawl-delay) when longer, booked with
     `pacer` (ingest/pacer.py): the crawl's shared pace book, so that pace holds for the whole crawl."""
 
@@ -257,12 +257,13 @@ class MasklessDownloader(ImageDownloader):
         super().__init__(thread_num, signal, session, storage)
         self.options, self.unit, self.labels_for = options, unit, labels_for
         o = options
-        pacer = SharedPacer(o["pacer"]) if o.get("pacer") is not None else None  # None: this task's own pace
+        pacer = SharedPacer(o["pacer"]) if o.get("pacer") is not None else None  # None: this unit's own pace
         self.limiter = HostLimiter(o["per_host_concurrency"], o["per_host_rps"], pacer)
         store = RobotsStore(o["robots_store"]) if o.get("robots_store") else None
         self.robots = RobotsCache(self._fetch_robots, store)
         self.deadlines = Deadlines(o["request_deadline"])  # the unit's requests; run_unit cancels them on an idle stop
-        self.pixels = PixelBudget(o["decode_pixels"])  # decoded pixels in flight, all threads of the task
+        # decoded pixels in flight: the crawl worker's budget, shared by the units it runs at once, else the unit's
+        self.pixels = o.get("pixel_budget") or PixelBudget(o["decode_pixels"])
 
     def _fetch_robots(self, url: str) -> bytes:
         self.storage.count("robots_fetched")

@@ -1,9 +1,9 @@
-"""Per-host request pacing for a whole crawl, not per task.
+"""Per-host request pacing for a whole crawl, not per unit.
 
-A crawl runs as many small Ray tasks at once, on many machines, and popular image hosts turn up in
+A crawl runs many small units at once, on many machines, and popular image hosts turn up in
 most of them. A host's pace (`per_host_rps`, or its robots.txt Crawl-delay when longer) must hold
-for the crawl as a whole: paced per task, a host asking for one request every 10 s would get one
-per 10 s from every running task. One small Ray actor on the driver's node hands out start times:
+for the crawl as a whole: paced per unit, a host asking for one request every 10 s would get one
+per 10 s from every running unit. One small Ray actor on the driver's node hands out start times:
 `reserve(host, interval)` books the host's next free start and says how long to wait for it.
 A call costs a Ray round trip (0.8 ms from one thread on the 2-core development machine), made only
 for hosts that have a pace at all (per_host_rps 0 and no Crawl-delay: no call). Its clock is the only clock, so
@@ -73,7 +73,7 @@ def start_pacer() -> Any:
 
 
 class SharedPacer:
-    """Books through the crawl's actor; if the actor cannot be reached, paces within this task
+    """Books through the crawl's actor; if the actor cannot be reached, paces within this unit
     (a warning, once) rather than losing the unit."""
 
     def __init__(self, actor: Any, timeout: float = 30.0):
@@ -87,6 +87,6 @@ class SharedPacer:
             try:
                 return self._get(self._actor.reserve.remote(host, interval), timeout=self._timeout)
             except Exception as e:  # actor lost or Ray shutting down
-                log.warning("the crawl's host pacer is unreachable (%r): pacing hosts within this task only", e)
+                log.warning("the crawl's host pacer is unreachable (%r): pacing hosts within this unit only", e)
                 self._fallback = LocalPacer()
         return self._fallback(host, interval)

@@ -6,12 +6,12 @@ the fetch and its outcome, which no parser decides (RFC 9309 section 2.3.1):
 - 2xx: the rules (the first 500 KiB), whatever the Content-Type (an HTML soft-404 page holds none);
 - 4xx: no rules (the site has no robots.txt);
 - 5xx, 429, timeouts and network errors after our retries: the site is unreachable, so nothing of
-  it is fetched in this task;
+  it is fetched in this unit;
 - a site our address guard refuses: its images are refused for that reason, not for robots.
 The fetch goes through the same session, retries, per-host limits and address guard as images.
-The rules are kept for the run's other tasks in a folder of the crawl output (RobotsStore): a crawl
-is thousands of small tasks, each touching the same big image hosts, and a per-task cache asked
-those hosts for robots.txt once per task.
+The rules are kept for the run's other units in a folder of the crawl output (RobotsStore): a crawl
+is thousands of small units, each touching the same big image hosts, and a per-unit cache asked
+those hosts for robots.txt once per unit.
 """
 from __future__ import annotations
 
@@ -89,10 +89,10 @@ def rules_from_fetch(get: Callable[[str], bytes], site: str) -> SiteRules:
 
 
 class RobotsStore:
-    """Rules fetched by any task of a crawl, one JSON file per site under `root`, for MAX_AGE_S.
+    """Rules fetched by any unit of a crawl, one JSON file per site under `root`, for MAX_AGE_S.
 
     Only answers the site gave are kept (rules, or none); a site that was unreachable is asked
-    again by the next task. Tasks that start on a new site at the same moment may each fetch it
+    again by the next unit. Units that start on a new site at the same moment may each fetch it
     once: the store saves requests, it does not lock."""
 
     def __init__(self, root: str, max_age_s: float = MAX_AGE_S):
@@ -121,12 +121,12 @@ class RobotsStore:
             return
         try:
             storage.write_json_atomic(self._path(site), {"site": site, "fetched_at": time.time(), "text": rules.text})
-        except OSError as e:  # the task has its rules; only later tasks lose the saved request
+        except OSError as e:  # the unit has its rules; only later units lose the saved request
             log.warning("could not store %s's robots.txt under %s: %r", site, self.root, e)
 
 
 class RobotsCache:
-    """Each site's rules for one task, fetched (or loaded from the run's store) by the first thread
+    """Each site's rules for one unit, fetched (or loaded from the run's store) by the first thread
     that needs them while the others wait."""
 
     def __init__(self, get: Callable[[str], bytes], store: Optional[RobotsStore] = None):

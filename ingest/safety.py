@@ -148,6 +148,9 @@ class _PinnedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _PinnedHTTPSConnection
 
 
+PINNED_POOL_CLASSES = {"http": _PinnedHTTPPool, "https": _PinnedHTTPSPool}  # a PoolManager's, by scheme
+
+
 class SafeAdapter(HTTPAdapter):
     """A requests transport whose connections check their host (every redirect hop's too) and connect
     only to the addresses checked, each request under a deadline from `deadlines`.
@@ -168,7 +171,7 @@ class SafeAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _PinnedHTTPPool, "https": _PinnedHTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = PINNED_POOL_CLASSES
 
     def addresses(self, host: str, port: int) -> list[str]:
         """check_host under this adapter's rules, counting refusals."""

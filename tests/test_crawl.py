@@ -19,14 +19,17 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from maskless.core import shards, storage
+from maskless.ingest import crawl
 from maskless.ingest.crawl import CrawlConfig, crawl_unit, plan_units, run_crawl, _options
 from maskless.ingest.dedup import NearIndex, decide, hamming
-from maskless.ingest.engines import Unit
+from maskless.ingest.engines import Unit, _read_environment_once, connection_pools
 from maskless.ingest.downloader import robots_opt_out
 from maskless.ingest.pacer import FORGET_AFTER, PaceBook, SharedPacer, start_pacer
+from maskless.ingest.progress import CrawlProgress
 from maskless.ingest.robots import RobotsCache, RobotsStore, rules_from_fetch
 from maskless.ingest.safety import RefusedAddress, address_block, check_url
 from maskless.ingest.validator import Rejected, clean_image
@@ -66,8 +69,9 @@ class Server:
     A callable body writes itself (see `trickle`) and gets no Content-Length; with status None it
     writes the whole response, status line and headers included."""
 
-    def __init__(self, routes: dict, delay: float = 0.0):
+    def __init__(self, routes: dict, delay: float = 0.0, keep_alive: bool = False):
         self.routes, self.delay = routes, delay
+        self.connections = 0  # TCP connections accepted
         self.hits: dict[str, int] = {}
         self.times: dict[str, list[float]] = {}
         self.agents: set[str] = set()
@@ -76,6 +80,13 @@ class Server:
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"  # 1.1: connections stay open
+
+            def setup(self):
+                super().setup()
+                with owner.lock:
+                    owner.connections += 1
+
             def do_GET(self):
                 with owner.lock:
                     n = owner.hits[self.path] = owner.hits.get(self.path, 0) + 1
@@ -137,8 +148,8 @@ def trickle(data: bytes, every: float):
 def serve():
     servers = []
 
-    def start(routes, delay=0.0):
-        servers.append(Server(routes, delay))
+    def start(routes, delay=0.0, keep_alive=False):
+        servers.append(Server(routes, delay, keep_alive))
         return servers[-1]
     yield start
     for s in servers:
@@ -1170,3 +1181,147 @@ def test_a_trickled_tls_handshake_is_cut_at_the_request_deadline(tmp_path):
     finally:
         stop.set()
         server.close()
+
+
+# ---------------------------------------------------------------- crawl workers and progress
+
+def test_crawl_workers_run_many_units_and_keep_their_connections(ray_local, serve, tmp_path):
+    jpg = {"Content-Type": "image/jpeg"}
+    images = [encode(smooth_image(400 + i)) for i in range(12)]
+    srv = serve({"/robots.txt": (200, {"Content-Type": "text/plain"}, b"User-agent: *\nAllow: /\n"),
+                 **{f"/{i}.jpg": (200, jpg, b) for i, b in enumerate(images)}}, keep_alive=True)
+    rows = [(f"{srv.url}/{i}.jpg", "thing") for i in range(12)]
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", rows), shard_size=2, workers=2, threads=1,
+                      near_dup_bits=-1)
+    summary = run_crawl(cfg)
+    assert summary["units_run"] == 6 and summary["samples"] == 12 and summary["units_failed"] == []
+    stats = shards.read_stats(storage.join(cfg.out, "_units"))
+    assert len({(st["node"], st["pid"]) for st in stats}) <= 2  # 6 units, 2 worker processes
+    # each worker keeps its one connection to the host from unit to unit (a unit alone opened its own)
+    assert srv.connections <= 2, srv.connections
+
+
+def test_pooled_connections_still_pass_the_address_guard(serve, tmp_path):
+    jpg = {"Content-Type": "image/jpeg"}
+    srv = serve({f"/{i}.jpg": (200, jpg, encode(smooth_image(410 + i))) for i in range(2)}, keep_alive=True)
+    rows = [(f"{srv.url}/{i}.jpg", "thing") for i in range(2)]
+    pools, units = connection_pools(1), str(tmp_path / "units")
+    lax = fast_config(tmp_path, urls=write_urls(tmp_path / "a.csv", rows), threads=1, respect_robots=False)
+    (unit,) = plan_units(lax)
+    first = crawl_unit(unit, _options(lax), units, None, pools)
+    assert first["accepted"] == 2 and srv.connections == 1 and srv.requests == 2
+    strict = fast_config(tmp_path, urls=write_urls(tmp_path / "b.csv", rows), threads=1, respect_robots=False,
+                         allow_private=False)
+    (unit,) = plan_units(strict)
+    second = crawl_unit(unit, _options(strict), units, None, pools)
+    # the open connection to 127.0.0.1 is in the pool, and still every request is checked first
+    assert second["accepted"] == 0 and second["rejected"] == {"refused_private": 2} and srv.requests == 2
+
+
+def test_a_lost_crawl_worker_loses_only_its_unfinished_units(ray_local, serve, tmp_path):
+    jpg = {"Content-Type": "image/jpeg"}
+    images = [encode(smooth_image(420 + i)) for i in range(9)]
+
+    def hangs_once(n):  # the first fetch of the second unit's last image waits for its worker to be killed
+        if n == 1:
+            time.sleep(3.0)
+        return 200, jpg, images[5]
+    srv = serve({**{f"/{i}.jpg": (200, jpg, b) for i, b in enumerate(images)}, "/5.jpg": hangs_once})
+    rows = [(f"{srv.url}/{i}.jpg", f"c{i % 3}") for i in range(9)]
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", rows), shard_size=3, workers=1, threads=1,
+                      near_dup_bits=-1, respect_robots=False, timeout=10.0)
+    units_root = storage.join(cfg.out, "_units")
+    first, second, third = (u.name for u in plan_units(cfg))
+    box = {}
+    runner = threading.Thread(target=lambda: box.update(summary=run_crawl(cfg)), daemon=True)
+    runner.start()
+    deadline = time.time() + 90
+    while not (srv.hits.get("/5.jpg") and shards.shard_names(units_root)) and time.time() < deadline:
+        time.sleep(0.02)
+    assert shards.shard_names(units_root) == [first] and srv.hits.get("/5.jpg") == 1
+    pid = storage.read_json(os.path.join(units_root, first + ".stats.json"))["pid"]
+    assert pid in descendants(os.getpid())  # a worker of this test's own Ray, nobody else's
+    committed = os.stat(os.path.join(units_root, first + ".tar")).st_mtime_ns
+    os.kill(pid, signal.SIGKILL)
+    runner.join(120)
+    summary = box["summary"]
+    assert summary["units_failed"] == [] and summary["units_run"] == 3 and summary["samples"] == 9
+    samples = list(shards.read_dataset(cfg.out))
+    assert sorted(s.key for s in samples) == sorted(key_of(b) for b in images)  # each image exactly once
+    assert os.stat(os.path.join(units_root, first + ".tar")).st_mtime_ns == committed  # not redone
+    assert [srv.hits[f"/{i}.jpg"] for i in range(9)] == [1, 1, 1, 2, 2, 2, 1, 1, 1]  # the lost unit refetched
+    pids = {st["name"]: st["pid"] for st in shards.read_stats(units_root)}
+    assert pids[first] == pid and pids[second] == pids[third] != pid  # on the restarted worker
+
+
+def test_progress_counts_images_while_units_run(ray_local, serve, tmp_path, monkeypatch, capsys):
+    jpg = {"Content-Type": "image/jpeg"}
+    routes = {f"/{i}.jpg": (200, jpg, encode(smooth_image(440 + i))) for i in range(8)}
+    routes.update({"/gone.jpg": (404, {}, b"gone"), "/page.jpg": (200, jpg, b"<html><body>moved</body></html>")})
+    srv = serve(routes, delay=0.15)
+    paths = ["/gone.jpg", "/0.jpg", "/1.jpg", "/2.jpg", "/3.jpg", "/4.jpg", "/5.jpg", "/page.jpg", "/6.jpg", "/7.jpg"]
+    urls = write_urls(tmp_path / "u.csv", [(srv.url + p, "thing") for p in paths])
+    monkeypatch.setattr(crawl, "PROGRESS_INTERVAL_S", 0.1)
+    seen, show = [], CrawlProgress.show
+
+    def watched(self, final=False):
+        seen.append(self.snapshot())
+        show(self, final)
+    monkeypatch.setattr(CrawlProgress, "show", watched)
+    cfg = fast_config(tmp_path, urls=urls, shard_size=5, workers=1, threads=1, progress=True, respect_robots=False,
+                      near_dup_bits=-1)
+    summary = run_crawl(cfg)
+    running = [s for s in seen if s["units_done"] == 0]
+    assert any(0 < s["accepted"] < 4 for s in running), running  # images counted while the first unit runs
+    assert any(s["rejected"] == {"http_404": 1} for s in running)  # and its failures by reason
+    final, g = seen[-1], summary["by_engine_class"]["urls/(list)"]
+    assert final["accepted"] == summary["accepted_this_run"] == 8
+    assert final["rejected"] == g["rejected"] == {"http_404": 1, "not_image": 1} and final["failed"] == 2
+    assert final["settled"] == final["images"] == 10 and final["units_done"] == 2
+    err = capsys.readouterr().err
+    assert "crawl: 10/10 images, 2/2 units, accepted 8, failed 2 (http_404 1, not_image 1)" in err
+    run_crawl(fast_config(tmp_path, urls=urls, out=str(tmp_path / "quiet"), shard_size=5, progress=False))
+    captured = capsys.readouterr()
+    assert "crawl:" not in captured.err + captured.out  # progress: false prints nothing
+
+
+def test_progress_bar_shows_images_and_failure_reasons():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    units = [Unit("urls", "", "list", w, 5 * w, 5) for w in range(2)]
+    out = Terminal()
+    progress = CrawlProgress({u.name: 5 for u in units}, out=out)
+    progress.unit_live(units[0].name, {"accepted": 2, "rejected": {"http_404": 1}, "settled": 3})
+    progress.show()
+    assert "3/10" in out.getvalue() and "units 0/2, accepted 2, failed 1 (http_404 1)" in out.getvalue()
+    progress.unit_ended(units[0].name, {"accepted": 4, "rejected": {"http_404": 1}})
+    progress.unit_live(units[0].name, {"accepted": 9, "rejected": {}, "settled": 9})  # late: ignored
+    progress.unit_ended(units[1].name, None)  # a failed unit: its window is settled, nothing accepted
+    progress.close()
+    snap = progress.snapshot()
+    assert {k: v for k, v in snap.items() if k != "seconds"} == {
+        "units": 2, "units_done": 2, "units_failed": 1, "images": 10, "settled": 10, "accepted": 4, "failed": 1,
+        "rejected": {"http_404": 1}}
+    assert "10/10" in out.getvalue() and "units 2/2, accepted 4, failed 1 (http_404 1)" in out.getvalue()
+
+
+def test_a_proxy_from_the_environment_is_still_used(serve, tmp_path, monkeypatch):
+    # requests' environment lookups are off unless there is something to find (engines.run_unit)
+    img = encode(smooth_image(450))
+    proxy = serve({"http://images.invalid/a.jpg": (200, {"Content-Type": "image/jpeg"}, img)})
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", [("http://images.invalid/a.jpg", "thing")]),
+                      threads=1, respect_robots=False, retries=0)
+    (unit,) = plan_units(cfg)
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    record = crawl_unit(unit, _options(cfg), str(tmp_path / "a"), None)
+    assert record["accepted"] == 1 and proxy.hits == {"http://images.invalid/a.jpg": 1}
+    monkeypatch.delenv("HTTP_PROXY")
+    session = requests.Session()
+    _read_environment_once(session)  # no proxy: requests skips its per-request lookups, keeps the CA bundle
+    assert not session.trust_env and session.verify == (os.environ.get("REQUESTS_CA_BUNDLE")
+                                                        or os.environ.get("CURL_CA_BUNDLE") or True)
+    record = crawl_unit(unit, _options(cfg), str(tmp_path / "b"), None)  # no proxy: the name does not resolve
+    assert record["accepted"] == 0 and record["rejected"] == {"connection_error": 1} and proxy.requests == 1
