@@ -98,15 +98,21 @@ def check_url(url: str, allow_private: bool = False, allowed_origins: Iterable[s
 _sending = threading.local()  # the SafeAdapter sending on this thread: its connections ask it
 
 
+def _current_adapter(host: str) -> "SafeAdapter":
+    adapter = getattr(_sending, "adapter", None)
+    if adapter is None:  # only SafeAdapter.send uses these connections: never connect unchecked
+        raise RefusedAddress(f"connection to {host} outside SafeAdapter")
+    return adapter
+
+
 class _PinnedConnection:
     """A urllib3 connection that connects only to the addresses its adapter checked for its host."""
 
     deadline_socket: tuple | None = None  # (descriptor, local address, peer address), for deadline.py
+    checked_by: "SafeAdapter | None" = None  # the adapter whose rules admitted the connected address
 
     def _new_conn(self) -> socket.socket:
-        adapter = getattr(_sending, "adapter", None)
-        if adapter is None:  # only SafeAdapter.send opens these connections: never connect unchecked
-            raise RefusedAddress(f"connection to {self.host} outside SafeAdapter")
+        adapter = _current_adapter(self.host)
         try:
             addresses = adapter.addresses(self.host, self.port)
         except OSError as e:
@@ -123,11 +129,17 @@ class _PinnedConnection:
                 error = NewConnectionError(self, f"failed to connect to {self.host} ({ip}): {e}")
         else:
             raise error
-        self.deadline_socket = (sock.fileno(), sock.getsockname(), sock.getpeername())
+        self.deadline_socket, self.checked_by = (sock.fileno(), sock.getsockname(), sock.getpeername()), adapter
         deadline.attach_current(self)  # from here on (the TLS handshake too) the deadline can shut it
         return sock
 
     def request(self, *args, **kwargs):
+        adapter = _current_adapter(self.host)
+        if self.deadline_socket is not None and self.checked_by is not adapter:
+            # a kept-alive connection opened for another unit (a crawl worker's shared pools): its address
+            # must pass this unit's rules too
+            adapter.check_address(self.host, self.port, self.deadline_socket[2][0])
+            self.checked_by = adapter
         deadline.attach_current(self)  # a kept-alive connection serves this request now
         return super().request(*args, **kwargs)
 
@@ -181,6 +193,17 @@ class SafeAdapter(HTTPAdapter):
             if self.on_refused:
                 self.on_refused(f"{host}:{port}", str(e))
             raise
+
+    def check_address(self, host: str, port: int, ip: str) -> None:
+        """RefusedAddress (counted) when this adapter's rules do not admit a connection to ip for host."""
+        if self.allow_private or f"{host}:{port}" in set(self.allowed_origins):
+            return
+        block = address_block(ip)
+        if block:
+            if self.on_refused:
+                self.on_refused(f"{host}:{port}", block)
+            raise RefusedAddress(f"{host} is connected to {block} address {ip} "
+                                 f"(pass --allow-private to crawl such addresses)")
 
     def send(self, request, stream=False, proxies=None, **kwargs):
         host, port = url_target(request.url)

@@ -1306,18 +1306,21 @@ def test_progress_bar_shows_images_and_failure_reasons():
     assert "10/10" in out.getvalue() and "units 2/2, accepted 4, failed 1 (http_404 1)" in out.getvalue()
 
 
-def test_a_proxy_from_the_environment_is_still_used(serve, tmp_path, monkeypatch):
-    # requests' environment lookups are off unless there is something to find (engines.run_unit)
+def test_a_proxy_from_the_environment_is_still_used(serve, tmp_path, monkeypatch, fake_dns):
+    # requests' environment lookups are off unless there is something to find (engines.run_unit); the
+    # name is still checked here (it answers a public address) before the proxy is asked for it
+    answers, _, _ = fake_dns
+    answers["images.test"] = ["93.184.216.34"]
     img = encode(smooth_image(450))
-    proxy = serve({"http://images.invalid/a.jpg": (200, {"Content-Type": "image/jpeg"}, img)})
-    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", [("http://images.invalid/a.jpg", "thing")]),
+    proxy = serve({"http://images.test/a.jpg": (200, {"Content-Type": "image/jpeg"}, img)})
+    cfg = fast_config(tmp_path, urls=write_urls(tmp_path / "u.csv", [("http://images.test/a.jpg", "thing")]),
                       threads=1, respect_robots=False, retries=0)
     (unit,) = plan_units(cfg)
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", proxy.url)
     record = crawl_unit(unit, _options(cfg), str(tmp_path / "a"), None)
-    assert record["accepted"] == 1 and proxy.hits == {"http://images.invalid/a.jpg": 1}
+    assert record["accepted"] == 1 and proxy.hits == {"http://images.test/a.jpg": 1}
     monkeypatch.delenv("HTTP_PROXY")
     session = requests.Session()
     _read_environment_once(session)  # no proxy: requests skips its per-request lookups, keeps the CA bundle
