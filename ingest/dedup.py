@@ -51,7 +51,8 @@ def hamming(a: int, b: int) -> int:
 
 def colours_close(a: bytes | None, b: bytes | None) -> bool:
     """Two colour signatures (validator.colour_signature) close enough for the same picture; unknown is never close."""
-    return a is not None and b is not None and len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) <= COLOUR_TOLERANCE
+    return (a is not None and b is not None and len(a) == len(b)
+            and max(abs(x - y) for x, y in zip(a, b)) <= COLOUR_TOLERANCE)
 
 
 def _split(bits: list[int], parts: int) -> list[int]:

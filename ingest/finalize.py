@@ -44,7 +44,8 @@ class FinalPass:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.samples_per_class.update(other.samples_per_class)
         for key, g in other.by_engine_class.items():
-            mine = self.by_engine_class.setdefault(key, {**g, "units": 0, "rejected": Counter(), **dict.fromkeys(SUMMED, 0)})
+            mine = self.by_engine_class.setdefault(key, {**g, "units": 0, "rejected": Counter(),
+                                                         **dict.fromkeys(SUMMED, 0)})
             for name in ("units", *SUMMED):
                 mine[name] += g[name]
             mine["rejected"].update(g["rejected"])

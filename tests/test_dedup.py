@@ -206,7 +206,7 @@ def test_a_row_between_two_keepers_goes_to_the_nearest_then_the_best_ranked():
     q = 0x0F0F0F0F0F0F0F0F
     rows = [{"shard": "s", "key": key, "labels": [key], "width": w, "height": 10, "sha256": key, "url": None,
              "colour": colour, "phash": "%016x" % h}
-            for key, w, h in [("a", 30, q ^ 0b111), ("b", 40, q ^ (0b111 << 40)), ("q", 10, q), ("n", 20, q ^ 0b11 << 20)]]
+            for key, w, h in [("a", 30, q ^ 0b111), ("b", 40, q ^ 0b111 << 40), ("q", 10, q), ("n", 20, q ^ 0b11 << 20)]]
     assert dedup.decide(rows, 4).dropped == {("s", "q"): ("s", "n")}  # nearest: 2 bits against 3
     rows.pop()
     assert dedup.decide(rows, 4).dropped == {("s", "q"): ("s", "b")}  # a tie at 3 bits: the larger image
@@ -264,7 +264,8 @@ def write_unit_shards(root: str, rows: list[dict], units: int, rng: np.random.Ge
     for name in names:
         with shards.ShardWriter(root, name) as writer:
             for r in (r for r in rows if r["shard"] == name):
-                writer.write(shards.Sample(r["key"], b"\xff", {k: v for k, v in r.items() if k not in ("key", "shard")}))
+                meta = {k: v for k, v in r.items() if k not in ("key", "shard")}
+                writer.write(shards.Sample(r["key"], b"\xff", meta))
             writer.commit({"engine": "urls", "class": "", "found": 7, "accepted": 5, "rejected": {"http_404": 2},
                            "duplicates": 1, "seconds": 2.0})
     return names
@@ -281,7 +282,8 @@ def test_final_pass_writes_what_the_rule_decides_and_a_rerun_changes_nothing(ray
     for r in rows:
         entry = want.get((r["shard"], r["key"]), {"labels": sorted(set(r["labels"]))})
         if entry is not None:
-            expected[(r["shard"], r["key"])] = {"labels": entry["labels"], "duplicate_urls": entry.get("duplicate_urls")}
+            expected[(r["shard"], r["key"])] = {"labels": entry["labels"],
+                                                "duplicate_urls": entry.get("duplicate_urls")}
     got = {(name, s.key): {"labels": s.labels, "duplicate_urls": s.meta.get("duplicate_urls")}
            for name in shards.shard_names(out) for s in shards.read_shard(os.path.join(out, name + ".tar"))}
     assert got == expected
