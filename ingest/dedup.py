@@ -25,6 +25,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from maskless.core import shards, storage
 
@@ -160,15 +162,30 @@ def _mix(x: np.ndarray, salt: int = 0) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _hex(values: list[str], digits: int, what: str, shard: str, keys: list[str]) -> np.ndarray:
-    """Hex strings of `digits` digits as an (n, digits / 2) uint8 array; a clear error naming the first bad one."""
-    if all(len(v) == digits for v in values):
+def _present(table: pa.Table, column: str) -> np.ndarray:
+    """Whether each row has a value (not null, not empty) in `column`."""
+    return pc.fill_null(pc.greater(pc.binary_length(table.column(column)), 0), False).to_numpy(zero_copy_only=False)
+
+
+def _hex(table: pa.Table, column: str, rows: np.ndarray, digits: int, where) -> np.ndarray:
+    """The `column` hex strings of `rows` as an (n, digits / 2) uint8 array; a clear error naming the first bad one
+    (`where(row)`: its shard and key).
+
+    Decoded from the Arrow string buffer in one call: a Python loop over the rows cost more than the
+    rest of the scan."""
+    values = table.column(column).take(rows).combine_chunks()
+    if not len(values):
+        return np.zeros((0, digits // 2), np.uint8)
+    offsets = np.frombuffer(values.buffers()[1], np.int32)[values.offset:values.offset + len(values) + 1]
+    if (np.diff(offsets) == digits).all():
+        text = values.buffers()[2].to_pybytes()[offsets[0]:offsets[-1]]
         try:
-            return np.frombuffer(bytes.fromhex("".join(values)), np.uint8).reshape(len(values), digits // 2)
-        except ValueError:  # not hex, or spaces (which fromhex skips)
+            return np.frombuffer(bytes.fromhex(text.decode("ascii")), np.uint8).reshape(len(values), digits // 2)
+        except (ValueError, UnicodeDecodeError):  # not hex, or spaces (which fromhex skips)
             pass
-    bad = next(i for i, v in enumerate(values) if len(v) != digits or not set(v) <= set(string.hexdigits))
-    raise ValueError(f"{shard}: sample {keys[bad]} has {what} {values[bad]!r}, not {digits} hex digits")
+    texts = values.to_pylist()
+    bad = next(i for i, v in enumerate(texts) if len(v) != digits or not set(v) <= set(string.hexdigits))
+    raise ValueError(f"{where(int(rows[bad]))} has {column} {texts[bad]!r}, not {digits} hex digits")
 
 
 def _u64(b: np.ndarray) -> np.ndarray:
@@ -200,22 +217,27 @@ def _one_or_list(values: list):
 
 def _scan(units_root: str, names: list[str], first: int, max_distance: int, n_parts: int):
     """Read the hashes of a batch of unit manifests and route them (see _route)."""
-    exact, near = [], []
+    tables, ids = [], []
     for u, name in enumerate(names):
         t = shards.read_manifest_file(storage.join(units_root, name + ".parquet"), ["key", "sha256", "phash", "colour"])
         if t.num_rows >> ROW_BITS:
             raise ValueError(f"{name}: {t.num_rows} samples, more than dedup's {2 ** ROW_BITS} per shard")
-        ids = np.uint64((first + u) << ROW_BITS) | np.arange(t.num_rows, dtype=np.uint64)
-        keys, sha, phash, colour = (t.column(c).to_pylist() for c in ("key", "sha256", "phash", "colour"))
-        s = [i for i, v in enumerate(sha) if v]
-        # the first 64 bits of a sha256 only pair rows: decide() compares whole digests
-        digest = _hex([sha[i] for i in s], 64, "sha256", name, [keys[i] for i in s])
-        exact.append({"sha": _u64(digest[:, :8]), "id": ids[s]})
-        s = [i for i, (p, c) in enumerate(zip(phash, colour)) if p and c] if max_distance >= 0 else []
-        near.append({"h": _u64(_hex([phash[i] for i in s], 16, "phash", name, [keys[i] for i in s])),
-                     "colour": _hex([colour[i] for i in s], 24, "colour", name, [keys[i] for i in s]),
-                     "id": ids[s]})
-    return _one_or_list(_route(_concat(exact, _EXACT), _concat(near, _NEAR), max_distance, n_parts))
+        tables.append(t)
+        ids.append(np.uint64((first + u) << ROW_BITS) | np.arange(t.num_rows, dtype=np.uint64))
+    t, ids = pa.concat_tables(tables), np.concatenate(ids)  # a batch has one unit at least
+
+    def where(row: int) -> str:
+        return f"{names[int(ids[row] >> np.uint64(ROW_BITS)) - first]}: sample {t.column('key')[row].as_py()}"
+
+    near = _NEAR
+    rows = np.flatnonzero(_present(t, "sha256"))
+    # the first 64 bits of a sha256 only pair rows: decide() compares whole digests
+    exact = {"sha": _u64(_hex(t, "sha256", rows, 64, where)[:, :8]), "id": ids[rows]}
+    if max_distance >= 0:
+        rows = np.flatnonzero(_present(t, "phash") & _present(t, "colour"))
+        near = {"h": _u64(_hex(t, "phash", rows, 16, where)), "colour": _hex(t, "colour", rows, 24, where),
+                "id": ids[rows]}
+    return _one_or_list(_route(exact, near, max_distance, n_parts))
 
 
 def _route(exact: dict, near: dict, max_distance: int, n_parts: int) -> list[dict]:
@@ -298,29 +320,37 @@ def _components(n_batches: int, units_per_task: int, *pair_blocks: np.ndarray):
     return _one_or_list([(nodes[lo:hi], labels[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
+_GATHERED = ["key", "labels", "width", "height", "sha256", "phash", "colour", "url"]
+
+
 def _gather(units_root: str, names: list[str], first: int, n_groups: int, related: tuple):
-    """The rows of a batch that have a related row, with what decide() needs, routed by component."""
-    ids, labels = related
-    groups: list[list[dict]] = [[] for _ in range(n_groups)]
+    """The rows of a batch that have a related row, with what decide() needs and their shard, unit and
+    component, as one Arrow table per group of components."""
+    ids, components = related
     units = (ids >> np.uint64(ROW_BITS)).astype(np.int64)
+    tables = []
     for u in np.unique(units):
-        name = names[u - first]
         sel = np.flatnonzero(units == u)
-        t = shards.read_manifest_file(storage.join(units_root, name + ".parquet"),
-                                      ["key", "labels", "width", "height", "sha256", "phash", "colour", "url"])
-        rows = t.take((ids[sel] & np.uint64((1 << ROW_BITS) - 1)).astype(np.int64)).to_pylist()
-        for r, component in zip(rows, labels[sel].tolist()):
-            r.update(shard=name, unit=int(u), component=component)
-            groups[component % n_groups].append(r)
-    return _one_or_list(groups)
+        t = shards.read_manifest_file(storage.join(units_root, names[u - first] + ".parquet"), _GATHERED)
+        t = t.take((ids[sel] & np.uint64((1 << ROW_BITS) - 1)).astype(np.int64))
+        t = t.append_column("shard", pa.array([names[u - first]] * len(sel), pa.string()))
+        t = t.append_column("unit", pa.array(units[sel]))
+        tables.append(t.append_column("component", pa.array(components[sel])))
+    if not tables:
+        return _one_or_list([None] * n_groups)
+    table = pa.concat_tables(tables)
+    group = np.asarray(table.column("component")) % n_groups
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
+    return _one_or_list([table.take(order[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])])
 
 
-def _decide_components(max_distance: int, n_batches: int, units_per_task: int, *row_groups: list[dict]) -> list:
+def _decide_components(max_distance: int, n_batches: int, units_per_task: int, *row_groups) -> list:
     """decide() per component; per batch of units {(shard, key): None for a dropped row, or the labels and
     duplicate_urls of a kept row that took others}, and last the (exact, near) counts."""
     components = defaultdict(list)
-    for rows in row_groups:
-        for r in rows:
+    for table in row_groups:
+        for r in table.to_pylist() if table is not None else []:
             components[r["component"]].append(r)
     outcomes: list[dict] = [{} for _ in range(n_batches)]
     exact = near = 0
