@@ -253,8 +253,9 @@ def bench_finalize(args) -> list[dict]:
                                   text=True)
             load = os.getloadavg()[0]
             proc = made
-            for _ in range(3 if not made.returncode else 0):  # Ray gives its raylet 30 s to start: a loaded
-                proc = subprocess.run(                        # machine can miss that; the pass never began
+            # Ray gives its raylet 30 s to start: a loaded machine can miss that (the pass never began)
+            for _ in range(3 if not made.returncode else 0):
+                proc = subprocess.run(
                     [sys.executable, "-m", "bench.ingest_scale", "--finalize-child", mode, folder], cwd=REPO,
                     capture_output=True, text=True)
                 if "node timed out during startup" not in proc.stderr:
