@@ -42,6 +42,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("height", pa.int32()),
     ("sha256", pa.string()),
     ("phash", pa.string()),
+    ("colour", pa.string()),  # added after schema 1 was first written: older manifests lack it (read as null)
     ("url", pa.string()),
     ("engine", pa.string()),
     ("query", pa.string()),
@@ -78,6 +79,7 @@ def _manifest_row(s: Sample) -> dict:
         "height": int(m.get("height", 0)),
         "sha256": m.get("sha256"),
         "phash": m.get("phash"),
+        "colour": m.get("colour"),
         "url": m.get("url"),
         "engine": m.get("engine"),
         "query": m.get("query"),
@@ -322,11 +324,20 @@ def read_dataset(root: str) -> Iterator[Sample]:
         yield from read_shard(shard)
 
 
+def read_manifest_file(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard's manifest in MANIFEST_SCHEMA (or its `columns`): a column an older shard lacks reads as null."""
+    fields = [MANIFEST_SCHEMA.field(c) for c in (columns or MANIFEST_SCHEMA.names)]
+    file = pq.ParquetFile(io.BytesIO(storage.read_bytes(path)))
+    table = file.read(columns=[f.name for f in fields if f.name in file.schema_arrow.names])
+    return pa.table([table.column(f.name).cast(f.type) if f.name in table.column_names
+                     else pa.nulls(table.num_rows, f.type) for f in fields], schema=pa.schema(fields))
+
+
 def read_manifest(root: str) -> pa.Table:
     """One table of every complete shard's manifest rows, with a `shard` column."""
     tables = []
     for name in shard_names(root):
-        t = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(root, name + ".parquet"))))
+        t = read_manifest_file(storage.join(root, name + ".parquet"))
         tables.append(t.append_column("shard", pa.array([name] * t.num_rows, pa.string())))
     if not tables:
         return MANIFEST_SCHEMA.empty_table().append_column("shard", pa.array([], pa.string()))

@@ -5,30 +5,29 @@ list (reader.py: planned by reference, read by the unit), run by a few long-live
 (Ray actors) with a bound on how many units are in flight. Each unit drives icrawler (engines.py)
 with our downloader (downloader.py) and writes its samples as ONE shard under OUT/_units/; that
 shard's tar is the unit's completion record (the shard commit rule), so a rerun skips finished
-units and a Ray retry of a finished unit returns its record. A final pass (dedup.py) reads every unit manifest, merges
-exact and near duplicates across units, engines and runs, and writes the dataset's shards in OUT,
+units and a Ray retry of a finished unit returns its record. A final pass (finalize.py, in Ray tasks)
+merges exact and near duplicates across units, engines and runs (dedup.py) and writes the dataset's shards in OUT,
 each derived from one unit shard and rewritten only when its dedup decision changed.
 Docs: docs/CRAWL.md.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
 import posixpath
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from urllib3 import PoolManager
 
 from maskless.core import errors, resources, shards, storage
-from maskless.ingest.dedup import decide
+from maskless.ingest.dedup import MAX_NEAR_DISTANCE
 from maskless.ingest.downloader import UnitSink
 from maskless.ingest.engines import ENGINES, Unit, connection_pools, run_unit
+from maskless.ingest.finalize import finalize
 from maskless.ingest.local_engine import LocalSearchServer
 from maskless.ingest.pacer import start_pacer
 from maskless.ingest.reader import FORMATS, FilePlan, ListOptions, find_lists, plan_lists, save_ledgers
@@ -107,7 +106,8 @@ class CrawlConfig:
     resources: Optional[dict[str, float]] = field(default=None, metadata={
         "help": "custom Ray resources per crawl task, NAME=AMOUNT,... (default: a share of crawl where nodes have it)"})
     near_dup_bits: int = field(default=4, metadata={
-        "help": "perceptual-hash distance (bits of 64) counted as a near duplicate; -1: exact only"})
+        "help": f"perceptual-hash distance (bits of 64, at most {MAX_NEAR_DISTANCE}) counted as a near duplicate "
+                "when the colours match too; -1: exact only"})
     unit_idle_timeout: float = field(default=120.0, metadata={"help": "stop a unit after this many seconds without new results"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -156,8 +156,8 @@ class CrawlConfig:
         if min(self.retries, self.backoff, self.per_host_rps, self.max_redirects, self.max_crawl_delay) < 0:
             raise ValueError("retries, backoff, per_host_rps, max_redirects and max_crawl_delay must not be negative")
         resources.check_resources(self.resources)
-        if not -1 <= self.near_dup_bits <= 32:
-            raise ValueError(f"near_dup_bits must be in -1..32, got {self.near_dup_bits}")
+        if not -1 <= self.near_dup_bits <= MAX_NEAR_DISTANCE:
+            raise ValueError(f"near_dup_bits must be in -1..{MAX_NEAR_DISTANCE}, got {self.near_dup_bits}")
         if "maskless" not in self.user_agent.lower():
             raise ValueError("user_agent must name maskless, so that sites can tell who is crawling")
         if not self.url_col.strip() or not [c for c in self.label_col if c.strip()]:
@@ -378,104 +378,6 @@ def _last_line(e: Exception) -> str:
     return str(e).splitlines()[-1] if str(e) else repr(e)
 
 
-def finalize(out: str, units_root: str, near_dup_bits: int) -> dict:
-    """Write OUT's shards from the unit shards with duplicates merged (see dedup.py).
-
-    Each unit shard U gives dataset shard U holding its kept samples. The shard's stats record a
-    digest of its decision: when a rerun decides the same, the shard is left alone; otherwise it
-    is deleted (tar first, so it never reads as complete with stale content) and written again."""
-    manifest = shards.read_manifest(units_root)
-    rows = manifest.select(["key", "labels", "width", "height", "sha256", "phash", "url", "shard"]).to_pylist()
-    decision = decide(rows, near_dup_bits)
-    url_of = {(r["shard"], r["key"]): r["url"] for r in rows}
-    per_shard: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        per_shard[r["shard"]].append(r)
-    unit_names = shards.shard_names(units_root)
-    written = kept_total = 0
-    for name in unit_names:
-        plan = {}
-        for r in per_shard.get(name, []):
-            ident = (name, r["key"])
-            if ident in decision.dropped:
-                continue
-            entry = {"labels": decision.labels[ident]}
-            dup_urls = sorted({url_of[m] or "" for m in decision.merged.get(ident, [])} - {r["url"] or ""})
-            if dup_urls:
-                entry["duplicate_urls"] = dup_urls
-            plan[r["key"]] = entry
-        kept_total += len(plan)
-        digest = hashlib.sha1(json.dumps(plan, sort_keys=True).encode()).hexdigest()
-        final = storage.join(out, name)
-        if storage.exists(final + ".tar") and storage.read_json(final + ".stats.json").get("dedup_digest") == digest:
-            continue
-        shards.delete_shard(out, name)
-        if not plan:
-            continue
-        unit_stats = storage.read_json(storage.join(units_root, name + ".stats.json"))
-        stats = {**unit_stats, "dedup_digest": digest, "dropped_as_duplicates": len(per_shard[name]) - len(plan)}
-        unchanged = len(plan) == len(per_shard[name]) and all(
-            list(plan[r["key"]]) == ["labels"] and plan[r["key"]]["labels"] == sorted(r["labels"])
-            for r in per_shard[name])
-        if unchanged:
-            _share_shard(units_root, out, name, stats)
-        else:
-            with shards.ShardWriter(out, name) as writer:
-                for s in shards.read_shard(storage.join(units_root, name + ".tar")):
-                    if s.key in plan:
-                        s.meta.update(plan[s.key])
-                        writer.write(s)
-                writer.commit({k: v for k, v in stats.items() if k not in ("shard", "count", "schema_version")})
-        written += 1
-    for name in set(shards.shard_names(out)) - set(unit_names):
-        shards.delete_shard(out, name)
-    return {"unit_samples": len(rows), "samples": kept_total, "exact_duplicates": decision.exact,
-            "near_duplicates": decision.near, "shards_rewritten": written,
-            "_dropped": {k: v for k, v in decision.dropped.items()}}
-
-
-def _share_shard(src_root: str, dst_root: str, name: str, stats: dict) -> None:
-    """A unit shard that dedup leaves untouched becomes a dataset shard without rewriting it: a hard
-    link on a local disk (unit shards are never modified, only replaced), a copy elsewhere.
-    Manifest and stats first, the tar last, as the commit rule says."""
-    src, dst = storage.join(src_root, name), storage.join(dst_root, name)
-    storage.write_bytes_atomic(dst + ".parquet", storage.read_bytes(src + ".parquet"))
-    storage.write_json_atomic(dst + ".stats.json", stats)
-    fs, src_tar = storage.resolve(src + ".tar")
-    _, dst_tar = storage.resolve(dst + ".tar")
-    if not storage.is_local(fs):
-        fs.copy_file(src_tar, dst_tar)  # one object copy: atomic on an object store
-        return
-    try:
-        os.link(src_tar, dst_tar)
-    except OSError:  # another device or a filesystem without hard links
-        tmp = storage.temp_name(dst_tar)
-        fs.copy_file(src_tar, tmp)
-        os.replace(tmp, dst_tar)
-
-
-def _summarize(unit_stats: list[dict], dropped: dict, shard_meta: dict[str, dict]) -> dict:
-    """Per engine and class: found / downloaded / accepted / rejected by reason / duplicates / rate."""
-    groups: dict[str, dict] = {}
-    for st in unit_stats:
-        g = groups.setdefault(f"{st['engine']}/{st['class'] or '(list)'}", {
-            "engine": st["engine"], "class": st["class"], "units": 0, "found": 0, "downloaded": 0,
-            "accepted": 0, "duplicates": 0, "rejected": Counter(), "seconds": 0.0})
-        g["units"] += 1
-        for k in ("found", "downloaded", "accepted", "duplicates", "seconds"):
-            g[k] += st.get(k, 0)
-        g["rejected"].update(st.get("rejected", {}))
-    for (shard, _key) in dropped:
-        st = shard_meta.get(shard)
-        if st:
-            groups[f"{st['engine']}/{st['class'] or '(list)'}"]["duplicates"] += 1
-    for g in groups.values():
-        g["rejected"] = dict(sorted(g["rejected"].items()))
-        g["seconds"] = round(g["seconds"], 3)
-        g["images_per_second"] = round(g["accepted"] / g["seconds"], 2) if g["seconds"] > 0 else None
-    return dict(sorted(groups.items()))
-
-
 def _list_status(plan: CrawlPlan) -> dict:
     by = Counter(fp.status for fp in plan.lists)
     return {"files": len(plan.lists), **{k: by.get(k, 0) for k in ("new", "unchanged", "grown")},
@@ -564,26 +466,25 @@ def run_crawl(cfg: CrawlConfig) -> dict:
         if server is not None:
             server.stop()
     crawl_seconds = time.monotonic() - t0
-    final = finalize(out, units_root, cfg.near_dup_bits)
-    dropped = final.pop("_dropped")
-    unit_stats = shards.read_stats(units_root)  # every unit in OUT, earlier commands' too: the dataset's content
-    meta = {st["shard"]: st for st in unit_stats}
+    final = finalize(out, units_root, cfg.near_dup_bits)  # every unit in OUT, earlier commands' too
+    per_class = final.samples_per_class
     classes = list(cfg.queries())
-    manifest = shards.read_manifest(out)
-    per_class = Counter(label for labels in manifest.column("labels").to_pylist() for label in labels)
     classes += sorted(set(per_class) - set(classes))
     accepted_now = sum(r.get("accepted", 0) for r in records if not r.get("resumed"))
+    committed = set(shards.shard_names(units_root))  # search units only: a few per query, not per image
+    meta = {u.name: storage.read_json(storage.join(units_root, u.name + ".stats.json"))
+            for u in units if ENGINES[u.engine].searches and u.name in committed}
     warnings = _engines_without_results(cfg, units, meta)
     summary = {
         "out": out, "engines": list(cfg.engine), "classes": classes,
         "units": len(units), "units_run": sum(1 for r in records if not r.get("resumed")),
         "units_already_done": len(units) - len(todo) + sum(1 for r in records if r.get("resumed")),
-        "units_failed": failures, **final,
+        "units_failed": failures, **final.summary(),
         "samples_per_class": {c: per_class.get(c, 0) for c in classes},
         "accepted_this_run": accepted_now, "crawl_seconds": round(crawl_seconds, 3),
         "seconds": round(time.monotonic() - t0, 3),
         "images_per_second": round(accepted_now / crawl_seconds, 2) if crawl_seconds > 0 else None,
-        "by_engine_class": _summarize(unit_stats, dropped, meta),
+        "by_engine_class": final.by_engine_class,
         **({"url_lists": _list_status(plan)} if plan.lists else {}), "warnings": warnings,
         "config": {k: v for k, v in asdict(cfg).items()},
     }

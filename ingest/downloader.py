@@ -312,8 +312,8 @@ class MasklessDownloader(ImageDownloader):
             return False
         meta = {
             "labels": sorted(set(self.labels_for(url))), "width": img.width, "height": img.height,
-            "sha256": img.sha256, "phash": img.phash, "url": url, "engine": self.unit["engine"],
-            "query": self.unit["query"], "unit": self.unit["name"],
+            "sha256": img.sha256, "phash": img.phash, "colour": img.colour, "url": url,
+            "engine": self.unit["engine"], "query": self.unit["query"], "unit": self.unit["name"],
             "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source_width": img.source_width, "source_height": img.source_height,
             "source_format": img.source_format,

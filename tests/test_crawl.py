@@ -339,10 +339,11 @@ def test_every_engine_declaration_plans_units_its_icrawler_parts_accept(tmp_path
 def test_clean_image_resizes_longest_side_and_flattens_alpha():
     img = clean_image(encode(smooth_image(5, 300, 150)), image_size=100, quality=90, min_size=16)
     assert (img.width, img.height, img.source_width, img.source_format) == (100, 50, 300, "JPEG")
-    rgba = Image.new("RGBA", (80, 40), (255, 0, 0, 0))
+    rgba = smooth_image(6, 80, 40).convert("RGBA")  # left half transparent (a blank image is rejected)
+    rgba.putalpha(Image.fromarray(np.where(np.arange(80) < 40, 0, 255).astype(np.uint8)[None].repeat(40, 0)))
     out = clean_image(encode(rgba, "PNG"), image_size=100, min_size=16)
     assert (out.width, out.height) == (80, 40)  # never upscaled
-    assert Image.open(io.BytesIO(out.jpg)).getpixel((40, 20)) >= (250, 250, 250)  # transparent -> white
+    assert Image.open(io.BytesIO(out.jpg)).getpixel((10, 20)) >= (250, 250, 250)  # transparent -> white
 
 
 def test_local_engine_serves_class_folders_in_bing_format(tmp_path):
