@@ -2,7 +2,6 @@
 the file and the image id and what to do, without a traceback; nothing already committed is lost;
 broken ground truth is never stored."""
 import errno
-import io
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from maskless.cli import main
 from maskless.core import masks, shards
-from maskless.ingest.coco import import_coco, rle_counts
+from maskless.ingest.coco import rle_counts
 from maskless.ingest.world import make_world
 
 

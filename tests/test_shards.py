@@ -1,5 +1,4 @@
 """The shard format round-trips through our reader, webdataset, Ray Data and pyarrow; writes are atomic."""
-import io
 import json
 import os
 import subprocess
