@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from maskless.core import shards, storage
+from maskless.core import errors, shards, storage
 from maskless.ingest.dedup import UNITS_PER_TASK, decide_partitioned
 
 SUMMED = ("found", "downloaded", "accepted", "duplicates", "seconds")  # unit stats added up per engine/class
@@ -95,15 +95,21 @@ def _write_units(out: str, units_root: str, names: list[str], *outcome_blocks: d
         if not plan:
             continue
         stats = {**unit_stats, "dedup_digest": digest, "dropped_as_duplicates": len(keys) - len(plan)}
-        if unchanged and len(plan) == len(keys):
-            _share_shard(units_root, out, name, stats)
-        else:
-            with shards.ShardWriter(out, name) as writer:
-                for s in shards.read_shard(storage.join(units_root, name + ".tar")):
-                    if s.key in plan:
-                        s.meta.update(plan[s.key])
-                        writer.write(s)
-                writer.commit({k: v for k, v in stats.items() if k not in ("shard", "count", "schema_version")})
+        try:
+            if unchanged and len(plan) == len(keys):
+                _share_shard(units_root, out, name, stats)
+            else:
+                with shards.ShardWriter(out, name) as writer:
+                    for s in shards.read_shard(storage.join(units_root, name + ".tar")):
+                        if s.key in plan:
+                            s.meta.update(plan[s.key])
+                            writer.write(s)
+                    writer.commit({k: v for k, v in stats.items() if k not in ("shard", "count", "schema_version")})
+        except OSError as e:
+            if not errors.disk_full(e):
+                raise
+            raise OSError(e.errno, f"no space left on device writing the dataset's shard {name} into {out}: free "
+                                   f"space and rerun the same command (every unit is kept)") from e
         result.shards_rewritten += 1
     return result
 
@@ -134,13 +140,14 @@ def finalize(out: str, units_root: str, near_dup_bits: int, units_per_task: int 
 
 
 def _get(refs: list) -> list:
-    """ray.get, raising a task's own ValueError (a manifest that cannot be read says which) as it is."""
+    """ray.get, raising a task's own ValueError (a manifest that cannot be read says which) or full disk
+    as it is: the CLI explains those in one line."""
     import ray
 
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, ValueError):
+        if isinstance(e.cause, ValueError) or errors.disk_full(e.cause):
             raise e.cause from None
         raise
 
