@@ -16,6 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskless.core import masks, shards
+from maskless.core.units import SHARD_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _jpeg(path: str) -> tuple[bytes, int, int]:
         return buf.getvalue(), im.size[0], im.size[1]
 
 
-def import_coco(annotations: str, images: str, out: str, shard_size: int = 500) -> dict:
+def import_coco(annotations: str, images: str, out: str, shard_size: int = SHARD_SIZE) -> dict:
     """Write every image of a COCO annotation file, with its instances, as shards coco-NNNNNN.
 
     Images are taken in id order and shard i always holds the same ids, so a rerun skips the
