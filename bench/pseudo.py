@@ -9,19 +9,24 @@
    Oracle rows: each gt instance takes its best proposal (an upper bound on any rule; the recall
    column is then the fraction of instances with a proposal at IoU >= 0.5, and pseudo/gt counts
    proposals per image set).
-2. Throughput: `run_pseudo` over the same images re-sharded by --shard-size, with 1 and 2 CPU actors;
-   images/s from the first shard's start to the last shard's commit (the shards' stats), the same
-   with Ray Data and actor start-up included, and per actor while busy (proposals + masking); the
-   1 -> 2 actor scaling efficiency = throughput(2) / (2 x throughput(1)) on the first-to-last figure.
+2. Throughput: `run_pseudo` over ONE input shard of the first --throughput-images train images (200),
+   cut into units of --unit-size, with 1 and 2 CPU actors; images/s from the first unit's start to the
+   last unit's commit (the units' stats), the same with Ray Data and actor start-up included, and per
+   actor while busy (the stage summary's per_actor); the 1 -> 2 actor scaling efficiency =
+   throughput(2) / (2 x throughput(1)) on the first-to-last figure, with the load average around each
+   run (the machine may be shared: the figure means something only on an idle one).
 
     .venv/bin/python -m bench.pseudo --classifier RUN --data SHARDS_WITH_GT [--images 60] [--out /tmp/bench-pseudo]
+    .venv/bin/python -m bench.pseudo --skip-fidelity        # the scaling check alone
 Without --classifier, a world is built and a tiny classifier trained first (bench/classifier.py does
 the same with its own figures).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import shutil
 import time
 
 import numpy as np
@@ -29,6 +34,7 @@ import torch
 
 from bench.common import write_result
 from maskless.core import shards
+from maskless.core.units import UNIT_SIZE
 from maskless.pseudo.classifier import load_classifier
 from maskless.pseudo.fidelity import FidelityAccumulator, image_size
 from maskless.pseudo.instances import MaskerOptions, PseudoMasker
@@ -108,32 +114,35 @@ def _oracle(samples: list[shards.Sample], proposals: list, considered_only: bool
             "miou": None, "pseudo_instances": n_props, "gt_instances": len(best)}
 
 
-def throughput(run: str, samples: list[shards.Sample], out: str, shard_size: int, cfg_kw: dict) -> dict:
+def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int, cfg_kw: dict) -> dict:
     import ray
 
     from maskless.ray_runtime import init_ray
 
-    data = os.path.join(out, "throughput-data")
-    if not shards.list_shards(data):
-        shards.write_shards(samples, data, "bench", max_count=shard_size)
+    data = os.path.join(out, f"throughput-data-{len(samples)}")
+    if not shards.list_shards(data):  # ONE shard: the stage's parallelism must come from its units
+        shards.write_shards(samples, data, "bench", max_count=len(samples))
         shards.write_dataset_info(data, load_classifier(run)[1], stage="bench")
-    result = {}
+    result: dict = {"input_shards": len(shards.shard_names(data)), "unit_size": unit_size}
     for actors in (1, 2):
         dest = os.path.join(out, f"throughput-{actors}")
-        for name in shards.shard_names(dest):
-            shards.delete_shard(dest, name)
+        shutil.rmtree(dest, ignore_errors=True)
         init_ray(num_cpus=4)
         try:
+            load_before = os.getloadavg()[0]
             t = time.time()
-            summary = run_pseudo(PseudoConfig(classifier=run, data=data, out=dest, actors=actors, **cfg_kw))
+            summary = run_pseudo(PseudoConfig(classifier=run, data=data, out=dest, actors=actors, unit_size=unit_size,
+                                              **cfg_kw))
             wall = time.time() - t
         finally:
             ray.shutdown()
         stats = shards.read_stats(dest)
-        busy = sum(s["proposal_seconds"] + s["masking_seconds"] for s in stats)
-        span = max(s["finished"] for s in stats) - min(s["proposals_started"] for s in stats)
-        result[actors] = {"images": summary["images"], "wall_s": wall, "images_per_s_end_to_end": summary["images"] / wall,
-                          "images_per_s": summary["images"] / span, "images_per_s_per_actor_busy": summary["images"] / busy}
+        span = max(s["finished"] for s in stats) - min(s["read_started"] for s in stats)
+        result[actors] = {"images": summary["images"], "units": summary["units"], "wall_s": wall,
+                          "images_per_s_end_to_end": summary["images"] / wall,
+                          "images_per_s": summary["images"] / span,
+                          "per_actor": summary["per_actor"],
+                          "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     result["efficiency"] = result[2]["images_per_s"] / (2 * result[1]["images_per_s"])
     return result
 
@@ -168,8 +177,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classifier", default=None, help="classify run folder or classifier.pt")
     ap.add_argument("--data", default=None, help="shards with gt.json (the images the classifier saw)")
-    ap.add_argument("--images", type=int, default=60, help="images for the fidelity table and throughput")
-    ap.add_argument("--shard-size", type=int, default=10)
+    ap.add_argument("--images", type=int, default=60, help="images for the fidelity table")
+    ap.add_argument("--throughput-images", type=int, default=200, help="images of the throughput part's one shard")
+    ap.add_argument("--unit-size", type=int, default=UNIT_SIZE, help="the stage's --unit-size in the throughput part")
+    ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--out", default="/tmp/bench-pseudo")
     ap.add_argument("--json", default=None, help="write the result here (default OUT/bench.json)")
@@ -181,35 +192,41 @@ def main() -> None:
         run, data = train_classifier(args.out, images=400)
     if data is None:
         raise ValueError("--data is needed with --classifier: the shards (with gt.json) to make pseudo masks of")
-    samples = []
-    for s in shards.read_dataset(data):
-        if s.gt is None:
-            raise ValueError(f"{data}: sample {s.key} has no gt.json; the fidelity table needs ground truth")
-        samples.append(s)
-        if len(samples) >= args.images:
-            break
-
-    table = fidelity_table(run, samples)
-    print("| response | source | objectness | rule | refine | ABO | precision@0.5 | recall@0.5 | mIoU | pseudo/gt | s/image |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in table:
-        print(f"| {r['response']} | {r['source']} | {r['objectness']} | {r['rule']} | {r['refine']} | {r['abo']:.3f} | "
-              f"{_f(r['precision'])} | {_f(r['recall'])} | {_f(r['miou'])} | "
-              f"{r['pseudo_instances']}/{r['gt_instances']} | {r['s_per_image']:.2f} |")
-    rows = [{"metric": f"ABO {r['response']}/{r['source']}/{r['objectness']}/{r['rule']}/{r['refine']}", "value": r["abo"],
-             "unit": ""} for r in table]
-    extra = {"table": table, "classifier": run, "data": data, "images": len(samples)}
+    rows: list[dict] = []
+    extra: dict = {"classifier": run, "data": data}
+    if not args.skip_fidelity:
+        samples = []
+        for s in shards.read_dataset(data):
+            if s.gt is None:
+                raise ValueError(f"{data}: sample {s.key} has no gt.json; the fidelity table needs ground truth")
+            samples.append(s)
+            if len(samples) >= args.images:
+                break
+        table = fidelity_table(run, samples)
+        print("| response | source | objectness | rule | refine | ABO | precision@0.5 | recall@0.5 | mIoU | pseudo/gt | "
+              "s/image |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in table:
+            print(f"| {r['response']} | {r['source']} | {r['objectness']} | {r['rule']} | {r['refine']} | "
+                  f"{r['abo']:.3f} | {_f(r['precision'])} | {_f(r['recall'])} | {_f(r['miou'])} | "
+                  f"{r['pseudo_instances']}/{r['gt_instances']} | {r['s_per_image']:.2f} |")
+        rows += [{"metric": f"ABO {r['response']}/{r['source']}/{r['objectness']}/{r['rule']}/{r['refine']}",
+                  "value": r["abo"], "unit": ""} for r in table]
+        extra.update(table=table, images=len(samples))
     if not args.skip_throughput:
-        tp = throughput(run, samples, args.out, args.shard_size, {"max_peaks": 10})
+        samples = list(itertools.islice(shards.read_dataset(data), args.throughput_images))
+        tp = throughput(run, samples, args.out, args.unit_size, {"max_peaks": 10})
         for a in (1, 2):
-            rows += [{"metric": f"{a} CPU actor(s): images/s, first to last shard", "value": tp[a]["images_per_s"],
+            rows += [{"metric": f"{a} CPU actor(s): images/s, first to last unit", "value": tp[a]["images_per_s"],
                       "unit": "img/s"},
                      {"metric": f"{a} CPU actor(s): images/s incl. Ray and actor start",
-                      "value": tp[a]["images_per_s_end_to_end"], "unit": "img/s"},
-                     {"metric": f"{a} CPU actor(s): images/s per actor while busy",
-                      "value": tp[a]["images_per_s_per_actor_busy"], "unit": "img/s"}]
-        rows.append({"metric": "1 -> 2 actor scaling efficiency (first to last shard)", "value": tp["efficiency"],
-                     "unit": ""})
+                      "value": tp[a]["images_per_s_end_to_end"], "unit": "img/s"}]
+            rows += [{"metric": f"{a} CPU actor(s): actor {k[:8]} images/s while busy", "value": v["images_per_s"],
+                      "unit": "img/s"} for k, v in tp[a]["per_actor"].items()]
+            rows.append({"metric": f"{a} CPU actor(s): 1-min load average before, after", "unit": "",
+                         "value": " / ".join(map(str, tp[a]["load_1min_before_after"]))})
+        rows.append({"metric": f"1 -> 2 actor scaling efficiency, one shard of {len(samples)}",
+                     "value": tp["efficiency"], "unit": ""})
         extra["throughput"] = tp
     write_result("pseudo", rows, args.json or os.path.join(args.out, "bench.json"), **extra)
 

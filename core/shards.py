@@ -295,27 +295,77 @@ def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
     )
 
 
+def _member_key(name: str) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member name by WebDataset's rule: the key is the name up to the
+    first dot of its last path component; None for a name without an extension."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _samples(tar: tarfile.TarFile) -> Iterator[Sample]:
+    """The samples of an open tar stream: consecutive members sharing a key, in write order."""
+    key, members = None, {}
+    for m in tar:
+        split = _member_key(m.name) if m.isfile() else None
+        if split is None:
+            continue
+        if split[0] != key and members:
+            yield _sample_from_members(key, members)
+            members = {}
+        key = split[0]
+        members[split[1]] = tar.extractfile(m).read()
+    if members:
+        yield _sample_from_members(key, members)
+
+
 def read_shard(shard: str) -> Iterator[Sample]:
     """Samples of one shard tar, in write order, streamed from a path or URI."""
     fs, path = storage.resolve(shard)
     with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        key, members = None, {}
+        yield from _samples(tar)
+
+
+@dataclass(frozen=True)
+class TarSample:
+    """Where one sample lives in its shard tar: its members' data spans, and the byte range
+    [start, end) from its first header to the end of its last member's data blocks."""
+
+    key: str
+    start: int
+    end: int
+    members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
+
+
+def index_tar(shard: str) -> list[TarSample]:
+    """Every sample of a shard tar, in write order, from the tar headers alone (member data is
+    skipped, not read): random access by byte offset for training and work units."""
+    fs, path = storage.resolve(shard)
+    index: list[TarSample] = []
+    with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for m in tar:
-            if not m.isfile():
+            split = _member_key(m.name) if m.isfile() else None
+            if split is None:
                 continue
-            # WebDataset's rule: the key is the name up to the first dot of its last path component
-            folder, _, base = m.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            name = f"{folder}/{stem}" if folder else stem
-            if name != key and members:
-                yield _sample_from_members(key, members)
-                members = {}
-            key = name
-            members[ext] = tar.extractfile(m).read()
-        if members:
-            yield _sample_from_members(key, members)
+            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if index and index[-1].key == split[0]:
+                last = index[-1]
+                index[-1] = TarSample(last.key, last.start, end, {**last.members, split[1]: (m.offset_data, m.size)})
+            else:
+                index.append(TarSample(split[0], m.offset, end, {split[1]: (m.offset_data, m.size)}))
+    return index
+
+
+def read_shard_range(shard: str, start: int, end: int) -> Iterator[Sample]:
+    """The samples whose members lie in bytes [start, end) of a shard tar (a range from index_tar):
+    one ranged read, not the whole tar."""
+    fs, path = storage.resolve(shard)
+    with fs.open_input_file(path) as f:
+        data = f.read_at(end - start, start)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:  # a slice of members needs no end marker
+        yield from _samples(tar)
 
 
 def read_dataset(root: str) -> Iterator[Sample]:

@@ -21,6 +21,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maskless.core import masks, shards, storage
+from maskless.core.units import SHARD_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ def _check_fields(coco: dict, annotations: str) -> None:
                              f"has no {', '.join(missing)}")
 
 
-def import_coco(annotations: str, images: str, out: str, shard_size: int = 500, skip_invalid: bool = False) -> dict:
+def import_coco(annotations: str, images: str, out: str, shard_size: int = SHARD_SIZE,
+                skip_invalid: bool = False) -> dict:
     """Write every image of a COCO annotation file, with its instances, as shards coco-NNNNNN.
 
     Images are taken in id order and shard i always holds the same ids, so a rerun skips the

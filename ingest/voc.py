@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from maskless.core import masks, shards, storage
+from maskless.core.units import SHARD_SIZE
 from maskless.ingest.world import VOID
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,8 @@ def read_sample(root: str, image_id: str, class_names: list[str]) -> shards.Samp
     return shards.Sample(key=key, jpg=jpg, meta={"labels": labels, **meta}, gt=gt)
 
 
-def import_voc(root: str, out: str, split: str = "val", shard_size: int = 500, skip_invalid: bool = False) -> dict:
+def import_voc(root: str, out: str, split: str = "val", shard_size: int = SHARD_SIZE,
+               skip_invalid: bool = False) -> dict:
     """Write the images of a VOC segmentation split, with ground-truth instances, as shards.
 
     Shard i always holds the same ids (sorted split, chunks of shard_size), so a rerun skips the

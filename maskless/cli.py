@@ -106,16 +106,23 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("import", help=OTHER["import"], description=OTHER["import"])
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    shard_size: dict = {"type": int}
+    if command == "import":  # core.units brings pyarrow: imported for this command only, like a stage's module
+        from maskless.core.units import SHARD_SIZE, UNIT_SIZE
+
+        shard_size.update(default=SHARD_SIZE, help=f"samples per shard (default {SHARD_SIZE}: {SHARD_SIZE // UNIT_SIZE} "
+                          f"work units of {UNIT_SIZE}); stages cut shards into units, so this sets file sizes, "
+                          f"not parallelism")
     v = kinds.add_parser("voc", help="a VOC folder (VOCdevkit/VOC2012 or a world)")
     v.add_argument("root")
     v.add_argument("--split", default="val", help="ImageSets/Segmentation split name, or 'all'")
     v.add_argument("--out", required=True)
-    v.add_argument("--shard-size", type=int, default=500)
+    v.add_argument("--shard-size", **shard_size)
     c = kinds.add_parser("coco", help="COCO instances JSON + image folder")
     c.add_argument("annotations")
     c.add_argument("images")
     c.add_argument("--out", required=True)
-    c.add_argument("--shard-size", type=int, default=500)
+    c.add_argument("--shard-size", **shard_size)
     for k in (v, c):
         k.add_argument("--skip-invalid", action="store_true",
                        help="leave out images whose file, mask or annotation is broken, and count them "

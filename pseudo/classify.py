@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 from maskless.core import shards, storage
+from maskless.core.units import UNIT_SIZE, Unit, dataset_units
 from maskless.core.run_folder import (RUN_FILE, STATE_FILE, SUMMARY_FILE, append_metrics, claim_run_folder, json_safe,
                                      ray_run_config, read_metrics)
 from maskless.core.resources import check_resources, has_gpus, train_scaling, use_ray_train_env
@@ -160,30 +161,33 @@ class ShardStream(IterableDataset):
     """Samples of a shard dataset as (image tensor, multi-hot target).
 
     train=True: an endless, shuffled stream of the training side, partitioned across (rank, loader
-    worker) by shard when there are enough shards, else by key hash; DDP needs every rank to take the
-    same number of steps, so the loop takes a fixed number of batches from an endless stream rather
-    than exhausting uneven partitions. train=False: one ordered pass (rank 0 evaluates).
+    worker) by work units (core/units.py: slices of at most unit_size samples, whatever the input's
+    sharding, so every partition holds about as many samples and reads only its own bytes) when there
+    are enough units, else by key hash; DDP needs every rank to take the same number of steps, so the
+    loop takes a fixed number of batches from an endless stream rather than exhausting uneven
+    partitions. `units`: the dataset's units, planned once by the caller (else planned here).
+    train=False: one ordered pass (rank 0 evaluates).
     """
 
     def __init__(self, root: str, classes: list[str], fraction: float | None, held_out: bool, transform,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, weights: dict[str, int] | None = None,
-                 shuffle_buffer: int = 256):
+                 shuffle_buffer: int = 256, units: list[Unit] | None = None, unit_size: int = UNIT_SIZE):
         self.root, self.classes, self.fraction, self.held_out = root, classes, fraction, held_out
         self.transform, self.train, self.seed, self.rank, self.world = transform, train, seed, rank, world
         self.weight = sample_weights_fn(weights) if weights else None
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.units, self.unit_size = shuffle_buffer, units, unit_size
         self.index = {c: i for i, c in enumerate(classes)}
 
-    def _labelled(self, shard_list: list[str], part: int, parts: int, by_key: bool) -> Iterator[tuple[shards.Sample, list]]:
-        for shard in shard_list:
-            for s in shards.read_shard(shard):
-                if self.fraction is not None and is_held_out(s.key, self.fraction) != self.held_out:
-                    continue
-                if by_key and int(hashlib.sha1(s.key.encode()).hexdigest()[-8:], 16) % parts != part:
-                    continue
-                labels = [l for l in s.labels if l in self.index]
-                if labels:
-                    yield s, labels
+    def _labelled(self, samples: Iterable[shards.Sample], part: int, parts: int,
+                  by_key: bool) -> Iterator[tuple[shards.Sample, list]]:
+        for s in samples:
+            if self.fraction is not None and is_held_out(s.key, self.fraction) != self.held_out:
+                continue
+            if by_key and int(hashlib.sha1(s.key.encode()).hexdigest()[-8:], 16) % parts != part:
+                continue
+            labels = [l for l in s.labels if l in self.index]
+            if labels:
+                yield s, labels
 
     def _item(self, s: shards.Sample, labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         target = torch.zeros(len(self.classes))
@@ -191,21 +195,22 @@ class ShardStream(IterableDataset):
         return self.transform(s.image()), target
 
     def __iter__(self):
-        all_shards = shards.list_shards(self.root)
         if not self.train:
-            for s, labels in self._labelled(all_shards, 0, 1, False):
+            for s, labels in self._labelled(shards.read_dataset(self.root), 0, 1, False):
                 yield self._item(s, labels)
             return
+        units = self.units if self.units is not None else dataset_units(self.root, self.unit_size)
         info = get_worker_info()
         n_loader, loader_id = (info.num_workers, info.id) if info else (1, 0)
         parts, part = self.world * n_loader, self.rank * n_loader + loader_id
         rng = random.Random(f"{self.seed}-{part}")
-        by_shard = len(all_shards) >= parts
-        mine, by_key = (all_shards[part::parts], False) if by_shard else (all_shards, parts > 1)
+        by_unit = len(units) >= parts
+        mine, by_key = (units[part::parts], False) if by_unit else (units, parts > 1)
         buffer: list = []
         while True:
             emitted = 0
-            for s, labels in self._labelled(rng.sample(mine, len(mine)), part, parts, by_key):
+            order = rng.sample(mine, len(mine))
+            for s, labels in self._labelled((s for u in order for s in u.samples()), part, parts, by_key):
                 repeats = 1
                 if self.weight is not None:
                     w = self.weight(labels)
@@ -216,10 +221,10 @@ class ShardStream(IterableDataset):
                     if len(buffer) >= self.shuffle_buffer:
                         yield self._item(*buffer.pop(rng.randrange(len(buffer))))
             if emitted == 0:
-                if len(mine) == len(all_shards) and not by_key:
+                if len(mine) == len(units) and not by_key:
                     raise ValueError(f"{self.root}: no labelled training samples to stream")
                 # this partition holds no training sample (tiny data): stream the whole training side
-                mine, by_key = all_shards, False
+                mine, by_key = units, False
                 continue
             while len(buffer) > min(self.shuffle_buffer, emitted) // 2:
                 yield self._item(*buffer.pop(rng.randrange(len(buffer))))
@@ -333,6 +338,7 @@ def train_loop(lc: dict) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     steps = lc["steps_per_epoch"] or max(1, math.ceil(lc["train_samples"] / (lc["batch_size"] * world)))
+    units = lc["units"]
     val_data = lc["val_data"] or lc["data"]
     fraction = None if lc["val_data"] else lc["val_fraction"]  # None: --val-data holds the held-out split
     if rank == 0:
@@ -350,7 +356,7 @@ def train_loop(lc: dict) -> None:
         stream = ShardStream(lc["data"], classes, fraction, False,
                              train_transform(lc["image_size"], lc["crop_scale"]), train=True,
                              seed=lc["seed"] * 100003 + epoch, rank=rank, world=world,
-                             weights=lc["class_counts"] if lc["balanced"] else None)
+                             weights=lc["class_counts"] if lc["balanced"] else None, units=units)
         loader = DataLoader(stream, batch_size=lc["batch_size"], num_workers=lc["loader_workers"])
         ddp.train()
         batches = iter(loader)
@@ -414,7 +420,8 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     run_config = dataclasses.asdict(cfg)
     loop_config = {**run_config, "classes": classes, "train_samples": train_counts["samples"],
-                   "class_counts": train_counts["class_counts"], "run_config": run_config}
+                   "class_counts": train_counts["class_counts"], "run_config": run_config,
+                   "units": dataset_units(cfg.data)}  # planned once here, not on every rank
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

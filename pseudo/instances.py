@@ -87,13 +87,23 @@ class PseudoMasker:
             return [int(c) for c in torch.nonzero(scores > self.opts.class_threshold).flatten()]
         return sorted({self.classes.index(l) for l in labels if l in self.classes})  # unknown labels: no peaks
 
-    def responses(self, image: np.ndarray, labels: list[str]) -> PeakResponses:
-        """Peaks of the image's classes and their response maps, at image size."""
-        h, w = image.shape[:2]
-        x = self.transform(Image.fromarray(image))[None].to(self.device)
-        ids = self.class_ids(labels, x)
+    def class_response_maps(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier inputs (B, 3, S, S) and class response maps (B, C, h, w) of several images in one
+        forward pass (the Ray stage batches this; peaks and their back-propagation stay per image)."""
+        x = torch.stack([self.transform(Image.fromarray(im)) for im in images]).to(self.device)
         with torch.no_grad():
-            crm = self.model.class_response_maps(x)[0]
+            return x, self.model.class_response_maps(x)
+
+    def responses(self, image: np.ndarray, labels: list[str],
+                  forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> PeakResponses:
+        """Peaks of the image's classes and their response maps, at image size. forward: this image's
+        (input (1, 3, S, S), class response maps (C, h, w)) from class_response_maps, else computed here."""
+        h, w = image.shape[:2]
+        if forward is None:
+            x, crms = self.class_response_maps([image])
+            forward = (x, crms[0])
+        x, crm = forward
+        ids = self.class_ids(labels, x)
         peaks = select_peaks(crm, ids, self.opts.peak_threshold, self.opts.max_peaks) if ids else []
         if not peaks:
             return PeakResponses(image, [], np.zeros((0, 2), int), np.zeros((0, h, w)), np.zeros((0, h, w)))
@@ -140,5 +150,6 @@ class PseudoMasker:
                                  self.opts.refine_margin, self.opts.refine_iterations)
         return [to_instance(c, self.classes) for c in nms(candidates, opts)]
 
-    def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals | None) -> list[dict]:
-        return self.instances(self.responses(image, labels), proposals)
+    def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals | None,
+                 forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+        return self.instances(self.responses(image, labels, forward), proposals)

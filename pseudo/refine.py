@@ -39,6 +39,9 @@ def grabcut(image: np.ndarray, mask: np.ndarray, response: np.ndarray, core: flo
     if (seed == cv2.GC_BGD).sum() + (seed == cv2.GC_PR_BGD).sum() < MIN_PIXELS:
         return mask
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    # GrabCut seeds its colour models by k-means from OpenCV's per-thread RNG: reseeded, a mask does not
+    # depend on what the process cut before (which actor, which unit, which order)
+    cv2.setRNGSeed(0)
     cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), seed, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     cut = (seed == cv2.GC_FGD) | (seed == cv2.GC_PR_FGD)
     _, labels = cv2.connectedComponents(cut.astype(np.uint8))

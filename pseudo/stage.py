@@ -1,11 +1,17 @@
 """`maskless pseudo`: pseudo instance masks for every image of a shard dataset, on Ray actors.
 
-Unit of work = one input shard -> one output shard of the same name. Ray Data carries a dataset of
-shard names (one row, one block per shard): a CPU task computes the shard's proposals (so a GPU actor
-never waits on them), then an actor pool (`ActorPoolStrategy`) of classifier actors, each loading the
-checkpoint once, masks the shard's images and commits the output shard through `ShardWriter`. The tar
-is renamed into place last, so a killed actor leaves no output shard, only a hidden temporary file;
-Ray restarts the actor and retries the shard, and a rerun skips every shard whose tar exists.
+Unit of work = a slice of at most --unit-size samples of one input shard (core/units.py), whatever
+the input's sharding, so every actor has work while units remain: one output shard per unit, named
+`INPUT_START-STOP` after the input shard and the samples it holds. The driver cuts the shards into
+units with CPU tasks (tar headers only) and records the cut and a digest of every input shard's keys
+in OUT/pseudo.units.json. Ray Data then carries one block per unit: a CPU task reads the unit's bytes
+of the input tar (one ranged read), decodes its images and computes their proposals when the rule
+needs them, so a GPU actor never waits on that; an actor pool (`ActorPoolStrategy`) of classifier
+actors, each loading the checkpoint once, runs the classifier forward on batches of the unit's
+images, the peaks and their back-propagation per image, and commits the unit through `ShardWriter`.
+The tar is renamed into place last, so a killed actor leaves no output shard, only a hidden
+temporary file; Ray restarts the actor and retries the unit, and a rerun skips every unit whose tar
+exists, after checking that the input shards its committed units came from still hold the same samples.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import pickle
 import sys
 import time
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -23,6 +30,7 @@ import numpy as np
 
 from maskless.core import shards, storage
 from maskless.core.resources import check_resources, gpu_stage_options, has_gpus
+from maskless.core.units import UNIT_SIZE, ShardPlan, Unit, plan_shard, unit_names
 from maskless.pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
 from maskless.pseudo.peak_response import RULES as RESPONSE_RULES
 from maskless.pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, cached_or_compute, make_source
@@ -31,6 +39,7 @@ from maskless.pseudo.retrieval import RULES, RetrievalOptions
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "pseudo.summary.json"
+PLAN_FILE = "pseudo.units.json"  # the unit size and, per input shard, its sample count and key digest
 
 
 @dataclass
@@ -95,20 +104,28 @@ class PseudoConfig:
     class_agnostic_nms: bool = field(default=RetrievalOptions.class_agnostic_nms, metadata={
         "help": "NMS across classes"})
     cache_proposals: bool = field(default=False, metadata={
-        "help": "store each sample's proposals in the output shard (proposals.npz), reused by later runs"})
+        "help": "store each sample's proposals in the output shard (proposals.npz), reused by later runs "
+                "(rules prm and wise: the response rule computes none)"})
+    unit_size: int = field(default=UNIT_SIZE, metadata={
+        "help": "samples per work unit (one output shard each), whatever the input's sharding"})
+    forward_batch: int = field(default=16, metadata={
+        "help": "images per classifier forward pass in an actor (peaks and their back-propagation stay per image)"})
     actors: int = field(default=2, metadata={"help": "classifier actors in the pool"})
     actor_cpus: float = field(default=0.5, metadata={
         "help": "logical CPUs per actor (fractional leaves room for Ray Data's tasks on small machines)"})
-    threads: int = field(default=1, metadata={"help": "torch threads per actor"})
-    proposal_cpus: float = field(default=0.5, metadata={"help": "logical CPUs per proposal task"})
+    threads: int = field(default=1, metadata={"help": "torch and OpenCV threads per actor"})
+    reader_cpus: float = field(default=0.5, metadata={
+        "help": "logical CPUs per CPU task: cutting a shard into units, reading and decoding a unit's "
+                "images and computing their proposals"})
     use_gpu: Optional[bool] = field(default=None, metadata={"help": "GPU actors (default: when Ray has GPUs)"})
     gpus_per_actor: float = field(default=1.0, metadata={"help": "GPUs per actor when use_gpu"})
     resources: Optional[dict[str, float]] = field(default=None, metadata={
         "help": "custom Ray resources per actor, NAME=AMOUNT,... (default: a share of gpu_stage where nodes have it)"})
-    fail_shards: list[str] = field(default_factory=list, metadata={
-        "cli": False, "help": "failure injection for tests: the actor fails halfway through these shards"})
-    shard_retries: int = field(default=3, metadata={
-        "help": "times a shard is retried after its actor process died; then the run fails naming it"})
+    fail_units: list[str] = field(default_factory=list, metadata={
+        "cli": False, "help": "failure injection for tests: the actor fails halfway through the units of these "
+                              "input shards (or the units of these names)"})
+    unit_retries: int = field(default=3, metadata={
+        "help": "times a unit is retried after its actor process died; then the run fails naming it"})
     fail_mode: str = field(default="raise", metadata={
         "cli": False, "help": "failure injection: raise (an exception), exit (the actor process dies, once) "
                               "or exit_always (it dies on every attempt)"})
@@ -136,12 +153,18 @@ class PseudoConfig:
             raise ValueError(f"unknown objectness proxy {self.objectness!r}; use one of {SCORES}")
         if self.actors < 1 or self.threads < 1:
             raise ValueError("--actors and --threads must be >= 1")
-        if self.actor_cpus <= 0 or self.proposal_cpus <= 0 or self.gpus_per_actor <= 0:
-            raise ValueError("--actor-cpus, --proposal-cpus and --gpus-per-actor must be > 0")
+        if self.unit_size < 1 or self.forward_batch < 1:
+            raise ValueError(f"--unit-size and --forward-batch must be >= 1, got {self.unit_size} and "
+                             f"{self.forward_batch}")
+        if self.actor_cpus <= 0 or self.reader_cpus <= 0 or self.gpus_per_actor <= 0:
+            raise ValueError("--actor-cpus, --reader-cpus and --gpus-per-actor must be > 0")
         if self.fail_mode not in ("raise", "exit", "exit_always"):
             raise ValueError("fail_mode must be raise, exit or exit_always")
-        if self.shard_retries < 0:
-            raise ValueError("--shard-retries must be >= 0")
+        if self.unit_retries < 0:
+            raise ValueError("--unit-retries must be >= 0")
+        if self.cache_proposals and not self.needs_proposals:
+            raise ValueError("--cache-proposals keeps the proposals of the prm and wise rules; the response rule "
+                             "computes none: pass --rule prm or wise, or drop --cache-proposals")
         same = (self.data.rstrip("/") == self.out.rstrip("/") if "://" in self.data
                 else os.path.abspath(self.data) == os.path.abspath(self.out))
         if same:
@@ -149,96 +172,173 @@ class PseudoConfig:
         self.masker_options().validate()
 
 
-def _image(sample: shards.Sample) -> np.ndarray:
-    return np.asarray(sample.image())
+def _unit(row: dict[str, Any]) -> Unit:
+    return Unit(str(row["shard"]), str(row["tar"]), int(row["start"]), int(row["stop"]), (int(row["lo"]), int(row["hi"])))
 
 
-def compute_proposals(batch: dict[str, np.ndarray], source_name: str, objectness: str) -> dict[str, np.ndarray]:
-    """Ray Data task (CPU): the proposals of every image of one shard, as one pickled {key: npz bytes}."""
-    source = make_source(source_name, objectness)
-    blobs, reused, start = [], 0, time.time()
-    for path in batch["shard"]:
-        per_key = {}
-        for s in shards.read_shard(str(path)):
-            p, was_cached = cached_or_compute(source, _image(s), s.extra)
-            reused += was_cached
-            per_key[s.key] = p.to_bytes()
-        blobs.append(pickle.dumps(per_key))
-    return {**batch, "proposals": np.array(blobs, dtype=object), "proposals_reused": np.full(len(blobs), reused),
-            "proposals_started": np.full(len(blobs), start), "proposal_seconds": np.full(len(blobs), time.time() - start)}
+def read_unit(batch: dict[str, np.ndarray], source_name: str | None, objectness: str) -> dict[str, np.ndarray]:
+    """Ray Data task (CPU): one unit's samples, their decoded images and, when source_name is given,
+    their proposals, as one pickled [(sample, image, proposals npz bytes or None), ...]."""
+    source = make_source(source_name, objectness) if source_name else None
+    start, reused, payloads = time.time(), 0, []
+    for i in range(len(batch["unit"])):
+        items = []
+        for s in _unit({k: v[i] for k, v in batch.items()}).samples():
+            image = np.asarray(s.image())
+            props = None
+            if source is not None:
+                p, was_cached = cached_or_compute(source, image, s.extra)
+                reused += was_cached
+                props = p.to_bytes()
+            items.append((s, image, props))
+        payloads.append(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
+    n = len(payloads)
+    return {**batch, "payload": np.array(payloads, dtype=object), "proposals_reused": np.full(n, reused),
+            "read_started": np.full(n, start), "read_seconds": np.full(n, time.time() - start)}
 
 
 class PseudoActor:
-    """Ray Data actor: loads the classifier once, then masks and commits one shard per call."""
+    """Ray Data actor: loads the classifier once, then masks and commits one unit per call."""
 
     def __init__(self, cfg: dict, device: str):
+        import cv2
+        import ray
         import torch
 
         from maskless.pseudo.classifier import load_classifier
 
         self.cfg = PseudoConfig(**cfg)
         torch.set_num_threads(self.cfg.threads)
+        cv2.setNumThreads(self.cfg.threads)  # GrabCut and the blurs: the actor's share, not every core
         model, classes, train_config = load_classifier(self.cfg.classifier)
         self.masker = PseudoMasker(model, classes, train_config, self.cfg.masker_options(), device)
         self.source = make_source(self.cfg.proposals, self.cfg.objectness).name if self.cfg.needs_proposals else None
+        ctx = ray.get_runtime_context()
+        self.actor, self.node = ctx.get_actor_id() or f"pid{os.getpid()}", ctx.get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
-        for i, name in enumerate(batch["name"]):
-            if "proposals" in batch:
-                timing = {"proposals_reused": int(batch["proposals_reused"][i]),
-                          "proposals_started": float(batch["proposals_started"][i]),
-                          "proposal_seconds": round(float(batch["proposal_seconds"][i]), 3)}
-                proposals = pickle.loads(batch["proposals"][i])
-            else:
-                timing = {"proposals_reused": 0, "proposals_started": time.time(), "proposal_seconds": 0.0}
-                proposals = None
-            rows.append(self._shard(str(name), str(batch["shard"][i]), proposals, timing))
+        for i in range(len(batch["unit"])):
+            row = {k: v[i] for k, v in batch.items()}
+            timing = {"proposals_reused": int(row["proposals_reused"]), "read_started": float(row["read_started"]),
+                      "read_seconds": round(float(row["read_seconds"]), 3)}
+            rows.append(self._unit(_unit(row), row["payload"], timing))
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
-    def _shard(self, name: str, path: str, proposals: dict[str, bytes] | None, timing: dict) -> dict[str, Any]:
+    def _unit(self, unit: Unit, payload: bytes, timing: dict) -> dict[str, Any]:
         cfg, start = self.cfg, time.time()
-        row = {"name": name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": ""}
-        if storage.exists(storage.join(cfg.out, name + ".tar")):
+        row = {"unit": unit.name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": "",
+               "actor": self.actor, "node": self.node}
+        if storage.exists(storage.join(cfg.out, unit.name + ".tar")):
             return row  # committed by an earlier attempt whose result was lost: never write it twice
         try:
-            with shards.ShardWriter(cfg.out, name) as writer:
-                for s in shards.read_shard(path):
-                    if name in cfg.fail_shards and len(writer) == 1:
-                        self._inject_failure(name)
-                    props = None if proposals is None else Proposals.from_bytes(proposals[s.key])
-                    instances = self.masker(_image(s), s.labels, props)
-                    extra = {k: v for k, v in s.extra.items() if k != CACHE_ENTRY}
-                    if cfg.cache_proposals and proposals is not None:
-                        extra[CACHE_ENTRY] = proposals[s.key]
-                    pseudo = {"instances": instances, "classifier": cfg.classifier, "rule": cfg.rule,
-                              "response": cfg.response, "proposals": self.source, "refine": cfg.refine}
-                    writer.write(shards.Sample(s.key, s.jpg, s.meta, s.gt, pseudo, extra))
-                    row["instances"] += len(instances)
-                    row["empty"] += not instances
+            items = pickle.loads(payload)
+            with shards.ShardWriter(cfg.out, unit.name) as writer:
+                for first in range(0, len(items), cfg.forward_batch):
+                    chunk = items[first:first + cfg.forward_batch]
+                    x, crm = self.masker.class_response_maps([image for _, image, _ in chunk])
+                    for j, (s, image, props) in enumerate(chunk):
+                        if len(writer) == 1 and {unit.shard, unit.name} & set(cfg.fail_units):
+                            self._inject_failure(unit.name)
+                        proposals = None if props is None else Proposals.from_bytes(props)
+                        instances = self.masker(image, s.labels, proposals, (x[j:j + 1], crm[j]))
+                        extra = {k: v for k, v in s.extra.items() if k != CACHE_ENTRY}
+                        if cfg.cache_proposals and props is not None:
+                            extra[CACHE_ENTRY] = props
+                        pseudo = {"instances": instances, "classifier": cfg.classifier, "rule": cfg.rule,
+                                  "response": cfg.response, "proposals": self.source, "refine": cfg.refine}
+                        writer.write(shards.Sample(s.key, s.jpg, s.meta, s.gt, pseudo, extra))
+                        row["instances"] += len(instances)
+                        row["empty"] += not instances
                 row["count"] = len(writer)
-                writer.commit({"stage": "pseudo", "pseudo_instances": row["instances"],
-                               "images_without_instances": row["empty"], **timing,
-                               "masking_seconds": round(time.time() - start, 3), "finished": time.time()})
+                if row["count"] != len(unit):
+                    raise ValueError(f"unit {unit.name}: read {row['count']} samples of {unit.tar}, planned "
+                                     f"{len(unit)}: the input shard changed during the run")
+                row["seconds"] = round(time.time() - start, 3)
+                writer.commit({"stage": "pseudo", "input_shard": unit.shard, "input_samples": [unit.start, unit.stop],
+                               "pseudo_instances": row["instances"], "images_without_instances": row["empty"],
+                               **timing, "masking_seconds": row["seconds"], "finished": time.time(),
+                               "actor": self.actor, "node": self.node})
         except Exception as e:  # the writer aborted: no output shard; reported, and a rerun redoes it
-            log.exception("shard %s failed", name)
+            log.exception("unit %s failed", unit.name)
             row["error"] = f"{type(e).__name__}: {e}"
         row["seconds"] = round(time.time() - start, 3)
         return row
 
     def _inject_failure(self, name: str) -> None:
         if self.cfg.fail_mode == "raise":
-            raise RuntimeError(f"injected failure in shard {name}")
+            raise RuntimeError(f"injected failure in unit {name}")
         marker = storage.join(self.cfg.out, f".crash-{name}.tmp")  # hidden temp: removed by the next run
         if self.cfg.fail_mode == "exit_always" or not storage.exists(marker):
             storage.write_bytes_atomic(marker, b"")
-            os._exit(1)  # the actor process dies mid-shard, once
+            os._exit(1)  # the actor process dies mid-unit, once
+
+
+def plan_units(cfg: PseudoConfig, names: list[str]) -> list[ShardPlan]:
+    """Every input shard cut into units, by CPU tasks (each reads one tar's headers) in parallel."""
+    import ray
+
+    task = ray.remote(plan_shard).options(num_cpus=cfg.reader_cpus)
+    try:
+        return ray.get([task.remote(cfg.data, n, cfg.unit_size) for n in names])
+    except ray.exceptions.RayTaskError as e:  # a tar that does not read: name it, without the remote traceback
+        raise ValueError(f"--data {cfg.data}: {e.cause}") from None
+
+
+def check_earlier_units(cfg: PseudoConfig, plans: list[ShardPlan], committed: set[str]) -> None:
+    """Refuse to add to an output whose committed units were cut from other input samples (a shard
+    rewritten or removed since, another unit size) or that holds shards no unit plan explains: the
+    output would mix two versions of the input. Shards without committed units may change freely."""
+    path = storage.join(cfg.out, PLAN_FILE)
+    hint = "use a new --out (or restore the input)"
+    if not storage.exists(path):
+        if committed:
+            raise ValueError(f"{cfg.out} holds shards ({', '.join(sorted(committed)[:3])}, ...) but no {PLAN_FILE}: "
+                             f"they were not written by this pseudo stage's units; use a new --out")
+        return
+    earlier = storage.read_json(path)
+    now = {p.shard: p for p in plans}
+    known: set[str] = set()
+    for shard, e in earlier["shards"].items():
+        names = set(unit_names(shard, e["samples"], earlier["unit_size"]))
+        known |= names
+        done = committed & names
+        if not done:
+            continue
+        if earlier["unit_size"] != cfg.unit_size:
+            raise ValueError(f"--unit-size {cfg.unit_size}: the units already in {cfg.out} hold "
+                             f"{earlier['unit_size']} samples each; rerun with --unit-size {earlier['unit_size']} "
+                             f"or use a new --out")
+        if shard not in now:
+            raise ValueError(f"input shard {shard} is gone from {cfg.data}, but {len(done)} unit(s) of it are in "
+                             f"{cfg.out} (e.g. {min(done)}): {hint}")
+        if now[shard].keys_sha256 != e["keys_sha256"]:
+            raise ValueError(f"input shard {shard} of {cfg.data} was rewritten since {len(done)} unit(s) of it were "
+                             f"committed to {cfg.out} (e.g. {min(done)}): {e['samples']} samples then, "
+                             f"{now[shard].samples} now, other keys; {hint}")
+    foreign = committed - known
+    if foreign:
+        raise ValueError(f"{cfg.out} holds shards that no unit of {PLAN_FILE} names "
+                         f"({', '.join(sorted(foreign)[:3])}, ...): use a new --out")
+
+
+def actor_rates(rows: list[dict]) -> dict[str, dict]:
+    """Per actor: units and images masked, seconds busy masking them, images/s while busy."""
+    per: dict[str, dict] = defaultdict(lambda: {"node": "", "units": 0, "images": 0, "busy_s": 0.0})
+    for r in rows:
+        if r["count"]:
+            a = per[r["actor"]]
+            a["node"], a["units"], a["images"] = r["node"], a["units"] + 1, a["images"] + r["count"]
+            a["busy_s"] += r["seconds"]
+    return {k: {**v, "busy_s": round(v["busy_s"], 3), "images_per_s": round(v["images"] / v["busy_s"], 3)}
+            for k, v in per.items() if v["busy_s"] > 0}
 
 
 def run_pseudo(cfg: PseudoConfig) -> dict:
-    """Pseudo masks for every input shard not yet in cfg.out; dataset.json once all are there.
-    Ray must be initialised by the caller. Raises RuntimeError naming the shards that failed (the
-    others are committed; rerun to redo the failed ones)."""
+    """Pseudo masks for every input unit not yet in cfg.out; dataset.json once all are there.
+    Ray must be initialised by the caller. Raises RuntimeError naming the units that failed (the
+    others are committed; rerun to redo the failed ones), ValueError when cfg.out holds units of
+    other input samples."""
     import ray
 
     from maskless.pseudo.classifier import load_classifier
@@ -252,56 +352,70 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     _, classes, _ = load_classifier(cfg.classifier)  # fails early and clearly on a bad checkpoint
     storage.makedirs(cfg.out)
     storage.remove_stale_temps(cfg.out)
-    done = set(shards.shard_names(cfg.out))
-    todo = [n for n in names if n not in done]
-    use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     start = time.time()
+    plans = plan_units(cfg, names)
+    done = set(shards.shard_names(cfg.out))
+    check_earlier_units(cfg, plans, done)
+    storage.write_json_atomic(storage.join(cfg.out, PLAN_FILE), {
+        "data": cfg.data, "unit_size": cfg.unit_size,
+        "shards": {p.shard: {"samples": p.samples, "keys_sha256": p.keys_sha256} for p in plans}})
+    units = [u for p in plans for u in p.units]
+    todo = [u for u in units if u.name not in done]
+    use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     rows: list[dict] = []
     crashed = ""
     if todo:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
-        items = [{"name": n, "shard": storage.join(cfg.data, n + ".tar")} for n in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # with GPU actors the two steps differ in resources, so Ray Data keeps proposals on CPU tasks;
-        # on CPU-only clusters it fuses them into the actors, which saves a copy and changes no result
-        if cfg.needs_proposals:
-            ds = ds.map_batches(compute_proposals, batch_size=1, num_cpus=cfg.proposal_cpus,
-                                fn_kwargs={"source_name": cfg.proposals, "objectness": cfg.objectness})
+        items = [{"unit": u.name, "shard": u.shard, "tar": u.tar, "start": u.start, "stop": u.stop,
+                  "lo": u.span[0], "hi": u.span[1]} for u in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per unit: any actor takes any
+        # with GPU actors the two steps differ in resources, so Ray Data keeps reading, decoding and
+        # proposals on CPU tasks; on CPU-only clusters it fuses them into the actors, which saves a copy
+        # and changes no result
+        ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.reader_cpus,
+                            fn_kwargs={"source_name": cfg.proposals if cfg.needs_proposals else None,
+                                       "objectness": cfg.objectness})
         # Ray Data restarts a dead actor without limit and by default retries its task without limit:
-        # a shard that kills its actor every time would loop forever, so its retries are bounded. In
+        # a unit that kills its actor every time would loop forever, so its retries are bounded. In
         # Ray 2.60 max_task_retries can only go through the deprecated **ray_remote_args (hence the
-        # pin below 2.64 in pyproject.toml and the silenced deprecation warning).
+        # pin below 2.64 in pyproject.toml and the silenced deprecation warning). Two units in flight
+        # per actor: the next one waits in the actor's queue, and no actor hoards the last units.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ds.map_batches(PseudoActor, batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo))),
+                                compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo)),
+                                                                   max_tasks_in_flight_per_actor=2),
                                 **gpu_stage_options(cfg.actor_cpus, cfg.gpus_per_actor if use_gpu else 0,
                                                     cfg.resources),
-                                max_task_retries=cfg.shard_retries,
+                                max_task_retries=cfg.unit_retries,
                                 fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg),
                                                        "device": "cuda" if use_gpu else "cpu"})
         try:
             rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.take_all()]
-        except Exception as e:  # a shard's actor died more than shard_retries times: the run stops here
+        except Exception as e:  # any Ray Data error (e.g. a unit whose actor died more than unit_retries times)
             log.error("pseudo: Ray Data stopped: %s", e)
             crashed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    failed = {r["name"]: r["error"] for r in rows if r["error"]}
+    failed = {r["unit"]: r["error"] for r in rows if r["error"]}
     proposals = cfg.proposals if cfg.needs_proposals else None
     written = set(shards.shard_names(cfg.out))
-    missing = [n for n in names if n not in written]
+    missing = [u.name for u in units if u.name not in written]
+    images = int(sum(r["count"] for r in rows))
+    seconds = time.time() - start
     summary = {
-        "shards": len(names), "skipped": len(done), "processed": len([n for n in todo if n in written]),
-        "failed": failed, "ray_error": crashed,
-        "images": int(sum(r["count"] for r in rows)), "instances": int(sum(r["instances"] for r in rows)),
+        "input_shards": len(names), "unit_size": cfg.unit_size, "units": len(units), "skipped": len(units) - len(todo),
+        "processed": len([u for u in todo if u.name in written]), "failed": failed, "ray_error": crashed,
+        "images": images, "instances": int(sum(r["instances"] for r in rows)),
         "images_without_instances": int(sum(r["empty"] for r in rows)),
-        "seconds": round(time.time() - start, 3), "actors": cfg.actors, "gpu": use_gpu,
+        "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
+        "actors": cfg.actors, "per_actor": actor_rates(rows), "gpu": use_gpu,
         "rule": cfg.rule, "response": cfg.response, "refine": cfg.refine, "proposals": proposals, "out": cfg.out,
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
-        raise RuntimeError(f"pseudo: {len(missing)} shard(s) not written ({', '.join(missing)}): "
-                           f"{failed or crashed or 'see the Ray logs'}; rerun the same command to redo them")
+        raise RuntimeError(f"pseudo: {len(missing)} unit(s) not written ({', '.join(missing[:20])}"
+                           f"{', ...' if len(missing) > 20 else ''}): {failed or crashed or 'see the Ray logs'}; "
+                           f"rerun the same command to redo them")
     info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
                                      response=cfg.response, proposals=proposals)
     summary["samples"] = info["samples"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from maskless.core import shards
 from maskless.pseudo.classifier import PeakClassifier, build_classifier, load_classifier, save_classifier
 from maskless.pseudo.peak_stimulation import find_peaks, peak_map, peak_stimulation
 
@@ -180,3 +181,29 @@ def test_two_worker_training_survives_a_failure_and_a_rerun(ray_local, world_sha
     # a different run into the same folder is refused before anything is overwritten
     with pytest.raises(ValueError, match="different backbone"):
         run_classify(ClassifyConfig(**{**cfg, "backbone": "resnet18"}, epochs=3))
+
+
+def test_shard_stream_partitions_one_shard_by_units(world_shards, tmp_path):
+    """One shard of 18: cut into units of 4, two ranks take alternate units (10 and 8 samples, each
+    read by its own byte range), so their streams are disjoint and together the whole shard."""
+    from itertools import islice
+
+    from maskless.core.units import dataset_units
+    from maskless.pseudo.classify import ShardStream, eval_transform
+
+    class Keys(ShardStream):
+        def _item(self, s, labels):
+            return s.key
+
+    samples = list(shards.read_dataset(world_shards["train"]))
+    one = str(tmp_path / "one")
+    shards.write_shards(samples, one, "all", max_count=len(samples))
+    classes, keys = world_shards["classes"], [s.key for s in samples]
+    assert [(u.start, u.stop) for u in dataset_units(one, 4)] == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 18)]
+    mine = {}
+    for rank in (0, 1):
+        stream = Keys(one, classes, None, False, eval_transform(32), train=True, rank=rank, world=2,
+                      shuffle_buffer=1, unit_size=4)
+        mine[rank] = list(islice(iter(stream), 10 - 2 * rank))   # one pass over its units
+    assert sorted(mine[0]) == sorted(keys[0:4] + keys[8:12] + keys[16:18])
+    assert sorted(mine[1]) == sorted(keys[4:8] + keys[12:16])

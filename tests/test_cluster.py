@@ -395,8 +395,8 @@ def test_crawl_of_a_folder_of_parquet_lists_on_s3_runs_on_every_worker(cluster, 
 
 @pytest.fixture(scope="module")
 def pseudo_inputs(s3, tmp_path_factory):
-    """Input shards (one image each) of a small world, in the S3 bucket, and an untrained tiny
-    classifier: the test is about where work runs and what gets written, not about mask quality."""
+    """ONE input shard of a small world's 12 images, in the S3 bucket, and an untrained tiny classifier:
+    the tests are about where work runs and what gets written, not about mask quality."""
     import torch
 
     from maskless.ingest.voc import import_voc
@@ -406,7 +406,8 @@ def pseudo_inputs(s3, tmp_path_factory):
     root = tmp_path_factory.mktemp("pseudo_inputs")
     make_world(str(root / "world"), classes=2, images=12, seed=5, size=64)
     data = f"{s3}/pseudo-inputs"
-    info = import_voc(str(root / "world"), data, split="all", shard_size=1)
+    info = import_voc(str(root / "world"), data, split="all", shard_size=12)
+    assert len(shards.shard_names(data)) == 1
     torch.manual_seed(0)
     model = PeakClassifier(len(info["classes"]), backbone="tiny").eval()
     save_classifier(model, info["classes"], {"image_size": 64}, f"{s3}/classifier.pt")
@@ -414,25 +415,28 @@ def pseudo_inputs(s3, tmp_path_factory):
 
 
 def test_pseudo_on_s3_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster, s3, pseudo_inputs):
-    """Inputs, classifier and outputs all in the (moto) S3 bucket: the shared storage of a cluster."""
+    """Inputs, classifier and outputs all in the (moto) S3 bucket: the shared storage of a cluster.
+    The single input shard is cut into units of 2 images, so actors on both nodes have work."""
+    from maskless.core.units import unit_names
     from maskless.pseudo.stage import PseudoConfig, run_pseudo
 
     cluster.ensure_workers(2)  # the crawl test left one: a new node joins, as the autoscaler's would
     data, classifier = pseudo_inputs
     inputs = Counter(s.key for s in shards.read_dataset(data))
-    cfg = PseudoConfig(classifier=classifier, data=data, out=f"{s3}/pseudo", actors=2,
-                       actor_cpus=0.5, proposal_cpus=0.5, max_peaks=2, max_proposals=30)
+    cfg = PseudoConfig(classifier=classifier, data=data, out=f"{s3}/pseudo", actors=2, unit_size=2,
+                       actor_cpus=0.5, reader_cpus=0.5, max_peaks=2, max_proposals=30)
     join = in_background(run_pseudo, cfg)
-    victim = cluster.kill_busy_worker("PseudoActor", fresh=False)
+    victim = cluster.kill_busy_worker("PseudoActor", fresh=False, timeout=240)  # actors start slowly on a busy machine
     summary = join(240)
 
     keys = Counter(s.key for s in shards.read_dataset(cfg.out))
     assert keys == inputs, "every input sample exactly once"
-    assert set(shards.shard_names(cfg.out)) == set(shards.shard_names(data)) and summary["failed"] == {}
+    (shard,) = shards.shard_names(data)
+    assert shards.shard_names(cfg.out) == unit_names(shard, sum(inputs.values()), 2) and summary["failed"] == {}
     assert all(s.pseudo is not None for s in shards.read_dataset(cfg.out))
     assert shards.read_dataset_info(cfg.out)["samples"] == sum(inputs.values())
-    assert len(finished_nodes("PseudoActor")) >= 2, "shards finished on both worker nodes"
-    assert redone_elsewhere("PseudoActor", victim), "a shard cut off by the lost node was redone"
+    assert len(finished_nodes("PseudoActor")) >= 2, "units of the one shard finished on both worker nodes"
+    assert redone_elsewhere("PseudoActor", victim), "a unit cut off by the lost node was redone"
 
 
 def test_gpu_stages_run_on_gpu_stage_nodes_or_where_resources_say(cluster, s3, pseudo_inputs, tmp_path):

@@ -13,7 +13,8 @@ from maskless.core import masks as rle
 from maskless.core import shards
 from maskless.pseudo.fidelity import FidelityAccumulator, FidelityConfig, image_size, run_fidelity
 from maskless.pseudo.peak_response import Peak, peak_response_maps
-from maskless.pseudo.proposals import CACHE_ENTRY, Proposals, SelectiveSearch, SuperpixelMerging, cached_or_compute
+from maskless.pseudo.proposals import (CACHE_ENTRY, Proposals, SelectiveSearch, SuperpixelMerging, cached_or_compute,
+                                       make_source)
 from maskless.pseudo.retrieval import Candidate, PrmScorer, RetrievalOptions, contour, nms, response_mask, wise_select
 from maskless.pseudo.stage import PseudoConfig, run_pseudo
 
@@ -248,39 +249,64 @@ def _tars(root):
     return {n: os.stat(os.path.join(root, n + ".tar")).st_mtime_ns for n in shards.shard_names(root)}
 
 
-def test_ray_stage_two_actors_failed_and_killed_shards_rerun(ray_local, world_shards, classifier_file, tmp_path):
+def _assert_same_instances(found: list[dict], expected: list[dict], key: str) -> None:
+    assert len(found) == len(expected), key
+    for f, e in zip(found, expected):
+        assert (f["class"], f["mask"], f["bbox"], f["peak"]) == (e["class"], e["mask"], e["bbox"], e["peak"]), key
+        assert f["score"] == pytest.approx(e["score"], rel=1e-5, abs=1e-6), key  # batched forward: float noise
+
+
+def test_ray_stage_two_actors_failed_and_killed_units_rerun(ray_local, world_shards, classifier_file, tmp_path):
+    from maskless.core.units import unit_names
+    from maskless.pseudo.classifier import load_classifier
+    from maskless.pseudo.instances import PseudoMasker
+
     data, out = world_shards["train"], str(tmp_path / "pseudo")
     names = shards.shard_names(data)
     assert len(names) >= 3
-    keys = {s.key for s in shards.read_dataset(data)}
-    cfg = dict(classifier=classifier_file, data=data, out=out, actors=2, max_peaks=3, max_proposals=50)
+    inputs = list(shards.read_dataset(data))
+    keys = {s.key for s in inputs}
+    # units of 4 samples: each 6-sample input shard is two units (4 + 2), each its own output shard
+    units = {n: unit_names(n, 6, 4) for n in names}
+    assert units[names[1]] == [f"{names[1]}_000000-000004", f"{names[1]}_000004-000006"]
+    every = {u for us in units.values() for u in us}
+    cfg = dict(classifier=classifier_file, data=data, out=out, actors=2, max_peaks=3, max_proposals=50, unit_size=4,
+               forward_batch=3)
 
-    with pytest.raises(RuntimeError, match=names[1]):          # an exception halfway through one shard
-        run_pseudo(PseudoConfig(**cfg, fail_shards=[names[1]], fail_mode="raise"))
-    assert names[1] not in shards.shard_names(out)               # no half shard reads as complete
-    assert set(shards.shard_names(out)) == set(names) - {names[1]}
+    with pytest.raises(RuntimeError, match=names[1]):          # an exception halfway through one shard's units
+        run_pseudo(PseudoConfig(**cfg, fail_units=[names[1]], fail_mode="raise"))
+    assert set(shards.shard_names(out)) == every - set(units[names[1]])  # no half unit reads as complete
     assert not os.path.exists(os.path.join(out, "dataset.json"))
 
-    # an actor process that dies on every attempt: retried shard_retries times, then the run fails naming it
-    with pytest.raises(RuntimeError, match=names[1]):
-        run_pseudo(PseudoConfig(**cfg, fail_shards=[names[1]], fail_mode="exit_always", shard_retries=1))
-    assert set(shards.shard_names(out)) == set(names) - {names[1]}
+    # an actor process that dies on every attempt: retried unit_retries times, then the run fails naming it
+    cut = units[names[1]][0]
+    with pytest.raises(RuntimeError, match=cut):
+        run_pseudo(PseudoConfig(**cfg, fail_units=[cut], fail_mode="exit_always", unit_retries=1))
+    assert cut not in shards.shard_names(out)
     assert json.load(open(os.path.join(out, "pseudo.summary.json")))["ray_error"]
 
-    # the rerun does only the missing shard; its actor process dies halfway, Ray restarts it, it is redone
-    summary = run_pseudo(PseudoConfig(**cfg, fail_shards=[names[1]], fail_mode="exit"))
-    assert os.path.exists(os.path.join(out, f".crash-{names[1]}.tmp"))  # the actor really died mid-shard
-    assert summary["skipped"] == len(names) - 1 and summary["processed"] == 1 and summary["failed"] == {}
+    # the rerun does only the missing units; an actor process dies halfway through one, Ray restarts it, it is redone
+    committed = set(shards.shard_names(out))
+    summary = run_pseudo(PseudoConfig(**cfg, fail_units=[cut], fail_mode="exit"))
+    assert os.path.exists(os.path.join(out, f".crash-{cut}.tmp"))  # the actor really died mid-unit
+    assert summary["units"] == len(every) and summary["skipped"] == len(committed)
+    assert summary["processed"] == len(every - committed) and summary["failed"] == {}
+    assert set(shards.shard_names(out)) == every
     samples = list(shards.read_dataset(out))
     assert sorted(s.key for s in samples) == sorted(keys)        # one sample per input, no duplicates
     assert all(s.pseudo is not None and s.gt is not None for s in samples)
-    assert all(i["class"] in s.labels for s in samples for i in s.pseudo["instances"])
-    assert sum(len(s.pseudo["instances"]) for s in samples) > 0
     assert shards.read_dataset_info(out)["samples"] == len(keys)
+    # what the stage wrote is what the in-process masker gives on the same images and labels
+    model, classes, train_config = load_classifier(classifier_file)
+    masker = PseudoMasker(model, classes, train_config, PseudoConfig(**cfg).masker_options())
+    by_key = {s.key: s for s in samples}
+    for s in inputs:
+        _assert_same_instances(by_key[s.key].pseudo["instances"], masker(np.asarray(s.image()), s.labels, None), s.key)
+    assert sum(len(s.pseudo["instances"]) for s in samples) > 0
 
     before = _tars(out)
     again = run_pseudo(PseudoConfig(**cfg))                      # a rerun adds nothing
-    assert again["processed"] == 0 and _tars(out) == before
+    assert again["processed"] == 0 and again["skipped"] == len(every) and _tars(out) == before
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the dead writer's temp files are gone
 
     report = run_fidelity(FidelityConfig(data=out, out=str(tmp_path / "report"), grid_images=2))
@@ -291,10 +317,127 @@ def test_ray_stage_two_actors_failed_and_killed_shards_rerun(ray_local, world_sh
     # PRM's rule goes through the proposal tasks and can keep the proposals in the shards
     prm_out = str(tmp_path / "pseudo-prm")
     run_pseudo(PseudoConfig(**{**cfg, "out": prm_out}, rule="prm", cache_proposals=True))
-    prm = list(shards.read_dataset(prm_out))
-    assert sorted(s.key for s in prm) == sorted(keys)
-    assert all(s.pseudo["rule"] == "prm" and s.pseudo["proposals"].startswith("selective_search") for s in prm)
-    assert all(Proposals.from_bytes(s.extra[CACHE_ENTRY]).image_size == image_size(s) for s in prm)
+    prm = {s.key: s for s in shards.read_dataset(prm_out)}
+    assert sorted(prm) == sorted(keys)
+    prm_masker = PseudoMasker(model, classes, train_config, PseudoConfig(**cfg, rule="prm").masker_options())
+    source = make_source("selective_search", "stability")  # the stage's default source
+    for s in inputs:
+        out_sample, image = prm[s.key], np.asarray(s.image())
+        assert out_sample.pseudo["rule"] == "prm" and out_sample.pseudo["proposals"].startswith("selective_search")
+        cached = Proposals.from_bytes(out_sample.extra[CACHE_ENTRY])
+        assert cached.image_size == image_size(out_sample) and np.array_equal(cached.masks(), source(image).masks())
+        _assert_same_instances(out_sample.pseudo["instances"], prm_masker(image, s.labels, cached), s.key)
+
+
+def _dataset(root: str, parts: list[list[shards.Sample]], classes: list[str]) -> list[str]:
+    """A shard dataset of the given shards (one list of samples each); returns the shard names."""
+    for i, samples in enumerate(parts):
+        name = f"part-{i:06d}"
+        if name in shards.shard_names(root):
+            shards.delete_shard(root, name)
+        with shards.ShardWriter(root, name) as w:
+            for s in samples:
+                w.write(s)
+    shards.write_dataset_info(root, classes, stage="test")
+    return shards.shard_names(root)
+
+
+def test_masks_do_not_depend_on_the_order_images_are_masked(world_shards, classifier_file):
+    """GrabCut seeds its colour models from OpenCV's RNG: without a reseed per cut, an image's masks
+    depended on what the process had cut before, so on which actor and in which unit it was masked."""
+    from maskless.pseudo.classifier import load_classifier
+    from maskless.pseudo.instances import PseudoMasker
+
+    model, classes, train_config = load_classifier(classifier_file)
+    masker = PseudoMasker(model, classes, train_config, PseudoConfig(max_peaks=3).masker_options())
+    samples = list(shards.read_dataset(world_shards["train"]))[:8]
+    images = [np.asarray(s.image()) for s in samples]
+    forward = [masker(im, s.labels, None) for im, s in zip(images, samples)]
+    backward = [masker(im, s.labels, None) for im, s in zip(images[::-1], samples[::-1])][::-1]
+    assert sum(map(len, forward)) > 0
+    for s, f, b in zip(samples, forward, backward):
+        _assert_same_instances(f, b, s.key)
+    # the batched forward pass of the stage gives the same instances as one image at a time
+    x, crm = masker.class_response_maps(images)
+    for j, (im, s) in enumerate(zip(images, samples)):
+        _assert_same_instances(masker(im, s.labels, None, (x[j:j + 1], crm[j])), forward[j], s.key)
+
+
+def test_one_input_shard_is_cut_into_units_for_every_actor(ray_local, world_shards, classifier_file, tmp_path):
+    samples = list(shards.read_dataset(world_shards["train"]))
+    data, out = str(tmp_path / "one"), str(tmp_path / "out")
+    (name,) = _dataset(data, [samples], world_shards["classes"])
+    summary = run_pseudo(PseudoConfig(classifier=classifier_file, data=data, out=out, actors=2, unit_size=2,
+                                      max_peaks=2))
+    starts = range(0, len(samples), 2)
+    assert summary["input_shards"] == 1 and summary["units"] == len(starts) == 9 and summary["failed"] == {}
+    assert shards.shard_names(out) == [f"{name}_{a:06d}-{a + 2:06d}" for a in starts]
+    per_actor = summary["per_actor"]
+    assert len(per_actor) == 2 and all(a["units"] >= 1 and a["images_per_s"] > 0 for a in per_actor.values())
+    assert sum(a["images"] for a in per_actor.values()) == len(samples)
+    # the units read as one dataset, in the input's order; each unit's stats say which slice it holds
+    assert [s.key for s in shards.read_dataset(out)] == [s.key for s in samples]
+    assert ray_local.data.read_webdataset(shards.list_shards(out)).count() == len(samples)
+    assert sorted((st["input_shard"], st["input_samples"]) for st in shards.read_stats(out)) == \
+        [(name, [a, a + 2]) for a in starts]
+
+
+def test_unit_reads_only_its_bytes_and_equals_the_streamed_slice(world_shards, tmp_path):
+    from maskless.core.units import plan_shard
+
+    name = shards.shard_names(world_shards["train"])[0]
+    tar = os.path.join(world_shards["train"], name + ".tar")
+    streamed = list(shards.read_shard(tar))
+    plan = plan_shard(world_shards["train"], name, 4)
+    assert plan.samples == len(streamed) == 6 and [(u.start, u.stop) for u in plan.units] == [(0, 4), (4, 6)]
+    for u in plan.units:
+        assert u.span[1] - u.span[0] < os.path.getsize(tar)
+        got = list(u.samples())
+        assert [(s.key, s.jpg, s.meta, s.gt) for s in got] == \
+            [(s.key, s.jpg, s.meta, s.gt) for s in streamed[u.start:u.stop]]
+    with pytest.raises(ValueError, match="unit size"):
+        plan_shard(world_shards["train"], name, 0)
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match=r"bad\.tar is not a readable tar"):
+        plan_shard(str(tmp_path), "bad", 4)
+
+
+def test_rerun_refuses_rewritten_input_and_another_unit_size(ray_local, world_shards, classifier_file, tmp_path,
+                                                             capsys):
+    from maskless.cli import main
+
+    samples = list(shards.read_dataset(world_shards["train"]))
+    classes = world_shards["classes"]
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    a, b = _dataset(data, [samples[:4], samples[4:8]], classes)
+    cfg = dict(classifier=classifier_file, data=data, out=out, actors=2, unit_size=2, max_peaks=2)
+    with pytest.raises(RuntimeError, match=b):
+        run_pseudo(PseudoConfig(**cfg, fail_units=[b]))           # a partial run: a's two units only
+    before = _tars(out)
+    assert sorted(before) == [f"{a}_000000-000002", f"{a}_000002-000004"]
+
+    with pytest.raises(ValueError, match="--unit-size 3: the units already in .* hold 2 samples"):
+        run_pseudo(PseudoConfig(**{**cfg, "unit_size": 3}))
+    _dataset(data, [samples[:3] + samples[8:9], samples[4:8]], classes)  # shard a now holds other samples
+    with pytest.raises(ValueError, match=f"input shard {a} of .* was rewritten"):
+        run_pseudo(PseudoConfig(**cfg))
+    args = ["pseudo", "--classifier", classifier_file, "--data", data, "--out", out, "--unit-size", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "maskless: error: input shard" in err and "rewritten" in err and "Traceback" not in err
+    assert _tars(out) == before                                 # nothing mixed in, nothing lost
+    shards.delete_shard(data, a)
+    with pytest.raises(ValueError, match=f"input shard {a} is gone"):
+        run_pseudo(PseudoConfig(**cfg))
+
+    # a restored, and b (none of whose units is committed) rewritten: accepted, only b's units are new
+    _dataset(data, [samples[:4], samples[10:16]], classes)
+    summary = run_pseudo(PseudoConfig(**cfg))
+    assert summary["skipped"] == 2 and summary["processed"] == 3 and _tars(out).items() >= before.items()
+    assert [s.key for s in shards.read_dataset(out)] == [s.key for s in samples[:4] + samples[10:16]]
+
+    assert main(args[:-1] + ["0"]) == 2                        # a unit size < 1
+    assert "--unit-size and --forward-batch must be >= 1" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
@@ -308,6 +451,10 @@ def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
         PseudoConfig(classifier="c", data="a", out="b", refine="crf").validate()
     with pytest.raises(ValueError, match="differ"):
         PseudoConfig(classifier="c", data="a", out="a").validate()
+    with pytest.raises(ValueError, match="cache-proposals"):   # the default rule computes no proposals to keep
+        PseudoConfig(classifier="c", data="a", out="b", cache_proposals=True).validate()
+    with pytest.raises(ValueError, match="unit-size"):
+        PseudoConfig(classifier="c", data="a", out="b", unit_size=0).validate()
     with pytest.raises(FileNotFoundError, match="no complete shard"):
         os.makedirs(tmp_path / "empty")
         run_pseudo(PseudoConfig(classifier=classifier_file, data=str(tmp_path / "empty"), out=str(tmp_path / "o")))

@@ -8,7 +8,6 @@ tar headers and only the small annotation entries, once, on the driver.
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,18 +33,6 @@ class Entry:
     width: int
     height: int
     instances: int
-
-
-def _tar_members(shard: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> {extension: (offset, size)} from the tar headers (data is skipped, not read)."""
-    fs, path = storage.resolve(shard)
-    out: dict[str, dict[str, tuple[int, int]]] = {}
-    with fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for m in tar:
-            if m.isfile() and "." in m.name:
-                key, ext = m.name.split(".", 1)  # WebDataset's rule: the key ends at the first dot
-                out.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    return out
 
 
 def _read_range(f, span: tuple[int, int]) -> bytes:
@@ -82,7 +69,8 @@ def build_index(root: str, masks: str = "pseudo", score_threshold: float = 0.0,
     for shard in shards.list_shards(root):
         fs, path = storage.resolve(shard)
         with fs.open_input_file(path) as f:
-            for key, members in _tar_members(shard).items():
+            for sample in shards.index_tar(shard):
+                key, members = sample.key, sample.members
                 if "jpg" not in members:
                     continue
                 counts["images"] += 1
