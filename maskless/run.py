@@ -175,8 +175,13 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
     from maskless.pseudo.fidelity import run_fidelity
     from maskless.pseudo.stage import run_pseudo
 
+    held_out = {}
+    if not {"val_data", "val_fraction"} & set(s["classify"]):
+        # the classifier is checked on the val split's image labels: a fraction held out of a small crawl is
+        # a handful of images, and it would not train on them; it never trains on the val split
+        held_out = {"val_data": data["val"]}
     classify_cfg = _stage_config("maskless.pseudo.classify", "ClassifyConfig", s["classify"], data=label_data,
-                                 out=p.path("classifier"))
+                                 out=p.path("classifier"), **held_out)
     p.stage("classify", lambda: run_classify(classify_cfg))
     pseudo_cfg = _stage_config("maskless.pseudo.stage", "PseudoConfig", s["pseudo"], classifier=p.path("classifier"),
                                data=data["train"], out=p.path("data", "pseudo"))
