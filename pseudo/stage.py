@@ -68,6 +68,9 @@ class PseudoConfig:
     refine_margin: float = field(default=MaskerOptions.refine_margin, metadata={
         "help": "GrabCut: definitely background outside the mask's box grown by this x its size"})
     refine_iterations: int = field(default=MaskerOptions.refine_iterations, metadata={"help": "GrabCut iterations"})
+    group_overlap: Optional[float] = field(default=MaskerOptions.group_overlap, metadata={
+        "help": "peaks of a class whose smoothed response maps share at least this fraction of their mass are "
+                "one object (one mask); peaks whose masks overlap at --nms-iou are too (None: that alone)"})
     inside_weight: float = field(default=RetrievalOptions.inside_weight, metadata={
         "help": "PRM score: weight of the response inside"})
     contour_weight: float = field(default=RetrievalOptions.contour_weight, metadata={
@@ -91,7 +94,7 @@ class PseudoConfig:
     nms_iou: float = field(default=RetrievalOptions.nms_iou, metadata={
         "help": "NMS IoU threshold between a peak's instances"})
     merge_responses: bool = field(default=RetrievalOptions.merge_responses, metadata={
-        "help": "NMS adds suppressed peaks' response maps"})
+        "help": "a group of peaks gets the mask of their summed response maps (else its strongest peak's mask)"})
     class_agnostic_nms: bool = field(default=RetrievalOptions.class_agnostic_nms, metadata={
         "help": "NMS across classes"})
     cache_proposals: bool = field(default=False, metadata={
