@@ -31,6 +31,20 @@ from maskless.pseudo.retrieval import RULES, RetrievalOptions
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "pseudo.summary.json"
+CLASS_COUNTS = ("images_labelled", "peaks", "instances")  # per class, in each shard's stats and the summary
+
+
+def class_report(stats: list[dict], classes: list[str]) -> dict:
+    """Per-class counts over the committed shards' stats, and the classes that got no peak, or peaks but
+    no instance, in the whole dataset: Mask R-CNN never sees those classes, so they are named, not zeros."""
+    per_class = {c: dict.fromkeys(CLASS_COUNTS, 0) for c in classes}
+    for st in stats:
+        for key, counts in st.get("per_class", {}).items():
+            for c, n in counts.items():
+                per_class.setdefault(c, dict.fromkeys(CLASS_COUNTS, 0))[key] += n
+    return {"per_class": per_class,
+            "classes_without_peaks": [c for c, v in per_class.items() if v["peaks"] == 0],
+            "classes_without_instances": [c for c, v in per_class.items() if v["peaks"] and v["instances"] == 0]}
 
 
 @dataclass
@@ -204,13 +218,21 @@ class PseudoActor:
         row = {"name": name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": ""}
         if storage.exists(storage.join(cfg.out, name + ".tar")):
             return row  # committed by an earlier attempt whose result was lost: never write it twice
+        counts = {k: dict.fromkeys(self.masker.classes, 0) for k in CLASS_COUNTS}
         try:
             with shards.ShardWriter(cfg.out, name) as writer:
                 for s in shards.read_shard(path):
                     if name in cfg.fail_shards and len(writer) == 1:
                         self._inject_failure(name)
                     props = None if proposals is None else Proposals.from_bytes(proposals[s.key])
-                    instances = self.masker(_image(s), s.labels, props)
+                    responses = self.masker.responses(_image(s), s.labels)
+                    instances = self.masker.instances(responses, props)
+                    for label in set(s.labels) & set(self.masker.classes):
+                        counts["images_labelled"][label] += 1
+                    for p in responses.peaks:
+                        counts["peaks"][self.masker.classes[p.cls]] += 1
+                    for inst in instances:
+                        counts["instances"][inst["class"]] += 1
                     extra = {k: v for k, v in s.extra.items() if k != CACHE_ENTRY}
                     if cfg.cache_proposals and proposals is not None:
                         extra[CACHE_ENTRY] = proposals[s.key]
@@ -221,7 +243,7 @@ class PseudoActor:
                     row["empty"] += not instances
                 row["count"] = len(writer)
                 writer.commit({"stage": "pseudo", "pseudo_instances": row["instances"],
-                               "images_without_instances": row["empty"], **timing,
+                               "images_without_instances": row["empty"], "per_class": counts, **timing,
                                "masking_seconds": round(time.time() - start, 3), "finished": time.time()})
         except Exception as e:  # the writer aborted: no output shard; reported, and a rerun redoes it
             log.exception("shard %s failed", name)
@@ -293,6 +315,13 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     proposals = cfg.proposals if cfg.needs_proposals else None
     written = set(shards.shard_names(cfg.out))
     missing = [n for n in names if n not in written]
+    report = class_report(shards.read_stats(cfg.out), classes)
+    for key, what in (("classes_without_peaks", "no peak in any train image (no image labelled with it, or never "
+                                                "predicted)"),
+                      ("classes_without_instances", "peaks but no pseudo instance")):
+        if report[key]:
+            log.warning("pseudo: %d class(es) with %s: %s; Mask R-CNN gets no example of them", len(report[key]),
+                        what, ", ".join(report[key]))
     summary = {
         "shards": len(names), "skipped": len(done), "processed": len([n for n in todo if n in written]),
         "failed": failed, "ray_error": crashed,
@@ -300,13 +329,16 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
         "images_without_instances": int(sum(r["empty"] for r in rows)),
         "seconds": round(time.time() - start, 3), "actors": cfg.actors, "gpu": use_gpu,
         "rule": cfg.rule, "response": cfg.response, "refine": cfg.refine, "proposals": proposals, "out": cfg.out,
+        **report,
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
         raise RuntimeError(f"pseudo: {len(missing)} shard(s) not written ({', '.join(missing)}): "
                            f"{failed or crashed or 'see the Ray logs'}; rerun the same command to redo them")
     info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
-                                     response=cfg.response, proposals=proposals)
+                                     response=cfg.response, proposals=proposals,
+                                     classes_without_peaks=report["classes_without_peaks"],
+                                     classes_without_instances=report["classes_without_instances"])
     summary["samples"] = info["samples"]
     log.info("pseudo: %s", summary)
     return summary

@@ -377,6 +377,36 @@ def test_ray_stage_two_actors_failed_and_killed_shards_rerun(ray_local, world_sh
     assert all(Proposals.from_bytes(s.extra[CACHE_ENTRY]).image_size == image_size(s) for s in prm)
 
 
+def test_a_class_with_no_peak_is_named_by_the_stage_and_the_fidelity_report(ray_local, world_shards, classifier_file,
+                                                                           tmp_path, caplog):
+    """As when a crawl finds no image for a class: no train image is labelled triangle, yet triangles are there."""
+    import logging
+
+    samples = [s for s in shards.read_dataset(world_shards["train"])]
+    with_triangles = [s for s in samples if any(g["class"] == "triangle" for g in s.gt["instances"])]
+    chosen = (with_triangles[:3] + [s for s in samples if s not in with_triangles])[:6]
+    relabelled = [shards.Sample(s.key, s.jpg, {**s.meta, "labels": [l for l in s.labels if l != "triangle"]}, s.gt)
+                  for s in chosen]
+    data, out = str(tmp_path / "no-triangle"), str(tmp_path / "pseudo")
+    shards.write_shards(relabelled, data, "t", max_count=6)
+    shards.write_dataset_info(data, world_shards["classes"], stage="test")
+    with caplog.at_level(logging.WARNING, logger="maskless"):
+        summary = run_pseudo(PseudoConfig(classifier=classifier_file, data=data, out=out, actors=1))
+    assert summary["classes_without_peaks"] == ["triangle"]
+    assert summary["per_class"]["triangle"] == {"images_labelled": 0, "peaks": 0, "instances": 0}
+    labelled = {c: sum(c in s.labels for s in relabelled) for c in ("disc", "square")}
+    for c, n in labelled.items():
+        assert summary["per_class"][c]["images_labelled"] == n and summary["per_class"][c]["peaks"] >= n
+    assert sum(v["instances"] for v in summary["per_class"].values()) == summary["instances"]
+    assert any("no peak in any train image" in r.message and "triangle" in r.message for r in caplog.records)
+    assert shards.read_dataset_info(out)["classes_without_peaks"] == ["triangle"]
+
+    report = run_fidelity(FidelityConfig(data=out, out=str(tmp_path / "report"), grid_images=0))
+    assert "triangle" in report["classes_without_pseudo_instances"]
+    md = open(tmp_path / "report" / "fidelity.md").read()
+    assert "triangle: no pseudo instance at all" in md and "no peak in any image" in md
+
+
 def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
     with pytest.raises(ValueError, match="classifier"):
         PseudoConfig(data="a", out="b").validate()
