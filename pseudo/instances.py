@@ -14,7 +14,7 @@ from PIL import Image
 
 from maskless.pseudo.classifier import PeakClassifier
 from maskless.pseudo.classify import eval_transform
-from maskless.pseudo.grouping import merge_groups, peak_groups
+from maskless.pseudo.grouping import covered_area, merge_groups, peak_groups, unexplained_peaks
 from maskless.pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
 from maskless.pseudo.proposals import Proposals
 from maskless.pseudo.refine import REFINERS, grabcut
@@ -39,6 +39,8 @@ class MaskerOptions:
     refine_margin: float = 0.25       # GrabCut: definitely background outside the mask's box grown by this
     refine_iterations: int = 5
     group_overlap: float | None = 0.5  # peaks whose smoothed responses share this much mass: one object (None: IoU only)
+    explain_rounds: int = 0           # rounds adding a peak per class where the class map is high but unexplained
+    explain_threshold: float = 0.5    # such a peak needs the class map >= this x its maximum
     retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)
 
     def validate(self) -> None:
@@ -58,6 +60,9 @@ class MaskerOptions:
             raise ValueError("need 0 < refine_core <= 1, refine_margin >= 0 and refine_iterations >= 1")
         if self.group_overlap is not None and not 0 < self.group_overlap <= 1:
             raise ValueError(f"group_overlap is a shared fraction of response mass: in (0, 1], got {self.group_overlap}")
+        if self.explain_rounds < 0 or not 0 <= self.explain_threshold <= 1:
+            raise ValueError(f"need explain_rounds >= 0 and explain_threshold in [0, 1], got {self.explain_rounds}, "
+                             f"{self.explain_threshold}")
         if self.input_size is not None and (self.input_size < 32 or self.input_size % 32):
             raise ValueError(f"input_size must be a multiple of 32 (the backbone stride), got {self.input_size}")
         self.retrieval.validate()
@@ -103,6 +108,21 @@ class PseudoMasker:
         if not peaks:
             return PeakResponses(image, [], np.zeros((0, 2), int), np.zeros((0, h, w)), np.zeros((0, h, w)))
         maps = peak_response_maps(self.model, x, peaks, self.opts.response, self.opts.peak_batch)
+        crm_np, blur, thr = crm.cpu().numpy(), self.opts.retrieval.response_blur, self.opts.retrieval.response_threshold
+        covered = []
+        for _ in range(self.opts.explain_rounds):
+            input_yx = self.model.crm_to_input(torch.tensor([[p.y, p.x] for p in peaks]), tuple(crm.shape[1:]),
+                                               tuple(x.shape[2:])).long()
+            input_yx = torch.minimum(input_yx, torch.tensor([x.shape[2] - 1, x.shape[3] - 1])).tolist()
+            covered += [covered_area(maps[k].numpy(), tuple(input_yx[k]), blur, thr, crm_np.shape[1:],
+                                     self.model.upsample)
+                        for k in range(len(covered), len(peaks))]
+            new = unexplained_peaks(crm_np, ids, peaks, covered, self.opts.explain_threshold, self.opts.max_peaks,
+                                    self.model.upsample)
+            if not new:
+                break
+            peaks = peaks + new
+            maps = torch.cat([maps, peak_response_maps(self.model, x, new, self.opts.response, self.opts.peak_batch)])
         resp = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
         resp = resp / resp.flatten(1).sum(1).clamp(min=1e-12)[:, None, None]
         class_maps = F.interpolate(crm[None].cpu(), size=(h, w), mode="bilinear", align_corners=True)[0]

@@ -82,6 +82,11 @@ class PseudoConfig:
     refine_margin: float = field(default=MaskerOptions.refine_margin, metadata={
         "help": "GrabCut: definitely background outside the mask's box grown by this x its size"})
     refine_iterations: int = field(default=MaskerOptions.refine_iterations, metadata={"help": "GrabCut iterations"})
+    explain_rounds: int = field(default=MaskerOptions.explain_rounds, metadata={
+        "help": "rounds that add, per class, a peak where the class map is still high outside the masks of the "
+                "peaks so far (touching same-class objects share one local maximum); 0 = local maxima only"})
+    explain_threshold: float = field(default=MaskerOptions.explain_threshold, metadata={
+        "help": "such a peak needs the class map at least this x its maximum"})
     group_overlap: Optional[float] = field(default=MaskerOptions.group_overlap, metadata={
         "help": "peaks of a class whose smoothed response maps share at least this fraction of their mass are "
                 "one object (one mask); peaks whose masks overlap at --nms-iou are too (None: that alone)"})
