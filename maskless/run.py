@@ -62,11 +62,16 @@ def _stage_config(module: str, cls_name: str, section: dict, **paths: Any):
     return config.absolute_paths(config.build(cls, {**section, **paths}))
 
 
-class Pipeline:
-    """Runs stages in order, skipping those recorded as finished, timing each."""
+class _Until(Exception):
+    """Raised after the stage a run was asked to stop at."""
 
-    def __init__(self, out: str):
-        self.out = out
+
+class Pipeline:
+    """Runs stages in order, skipping those recorded as finished, timing each; with `until`, stops
+    after that stage."""
+
+    def __init__(self, out: str, until: str | None = None):
+        self.out, self.until = out, until
         self.times: dict[str, float] = {}
         self.results: dict[str, Any] = {}
 
@@ -80,6 +85,7 @@ class Pipeline:
             log.info("stage %-10s done earlier (%.0f s), skipped", name, record["seconds"])
             self.times[name] = 0.0
             self.results[name] = record["result"]
+            self._stop_after(name)
             return record["result"]
         log.info("stage %-10s ...", name)
         t0 = time.time()
@@ -89,7 +95,12 @@ class Pipeline:
         self.times[name] = seconds
         self.results[name] = result
         log.info("stage %-10s done in %.0f s", name, seconds)
+        self._stop_after(name)
         return result
+
+    def _stop_after(self, name: str) -> None:
+        if name == self.until:
+            raise _Until(name)
 
 
 def _log_to_file(out: str) -> logging.Handler:
@@ -102,9 +113,17 @@ def _log_to_file(out: str) -> logging.Handler:
     return handler
 
 
+STAGES = ("world", "import", "web", "crawl", "labels", "classify", "pseudo", "fidelity",
+          "train_weak", "eval_weak", "train_full", "eval_full")
+
+
 def run_pipeline(config_path: str, out: str | None = None, address: str | None = None,
-                 num_cpus: int | None = None, verbose: bool = False, dashboard: bool = False) -> dict:
-    """Run every stage of the YAML at config_path; returns the summary also written to OUT/summary.json."""
+                 num_cpus: int | None = None, verbose: bool = False, dashboard: bool = False,
+                 until: str | None = None) -> dict:
+    """Run every stage of the YAML at config_path (or up to and including `until`, so that a benchmark
+    can share the stages before it between runs); returns the summary also written to OUT/summary.json."""
+    if until is not None and until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
     raw = config.load_yaml(config_path)
     unknown = set(raw) - {"run", *STAGE_SECTIONS}
     if unknown:
@@ -121,10 +140,12 @@ def run_pipeline(config_path: str, out: str | None = None, address: str | None =
     from maskless.ray_runtime import init_ray
 
     init_ray(address, num_cpus, verbose, dashboard=dashboard)
-    p = Pipeline(run_cfg.out)
+    p = Pipeline(run_cfg.out, until)
     t_start = time.time()
     try:
         _run_stages(p, run_cfg, sections)
+    except _Until:
+        pass
     finally:
         if handler:
             logging.getLogger("maskless").removeHandler(handler)
@@ -177,8 +198,13 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
     from maskless.pseudo.fidelity import run_fidelity
     from maskless.pseudo.stage import run_pseudo
 
+    held_out = {}
+    if not {"val_data", "val_fraction"} & set(s["classify"]):
+        # the classifier is checked on the val split's image labels: a fraction held out of a small crawl is
+        # a handful of images, and it would not train on them; it never trains on the val split
+        held_out = {"val_data": data["val"]}
     classify_cfg = _stage_config("maskless.pseudo.classify", "ClassifyConfig", s["classify"], data=label_data,
-                                 out=p.path("classifier"))
+                                 out=p.path("classifier"), **held_out)
     p.stage("classify", lambda: run_classify(classify_cfg))
     pseudo_cfg = _stage_config("maskless.pseudo.stage", "PseudoConfig", s["pseudo"], classifier=p.path("classifier"),
                                data=data["train"], out=p.path("data", "pseudo"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import logging
 import math
 import os
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # settings a rerun into an existing run folder must share with it (the rest, e.g. epochs, may change)
-RUN_IDENTITY = ("data", "val_data", "val_fraction", "backbone", "backbone_weights", "peak_backward")
+RUN_IDENTITY = ("data", "val_data", "val_fraction", "val_min_per_class", "backbone", "backbone_weights",
+                "peak_backward")
 
 
 @dataclass
@@ -47,6 +49,10 @@ class ClassifyConfig:
     val_data: Optional[str] = field(default=None, metadata={
         "help": "held-out shards; when set, all of --data trains and --val-fraction is unused"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of --data held out (by key hash)"})
+    val_min_per_class: int = field(default=5, metadata={
+        "help": "held-out floor: where --val-fraction holds out fewer images of a class, more of that class are "
+                "held out (lowest key hashes first; at most half of the class); a held-out split still under "
+                "it is warned about with its counts (0 = no floor)"})
     backbone: str = field(default="resnet50", metadata={"help": "backbone network", "choices": list(BACKBONES)})
     backbone_weights: str = field(default="imagenet", metadata={
         "help": "'imagenet' (torchvision weights, torch hub cache), a weights file, or 'none' (from scratch)"})
@@ -91,6 +97,8 @@ class ClassifyConfig:
             raise ValueError("the tiny backbone has no ImageNet weights: use --backbone-weights none")
         if self.peak_backward not in BACKWARD_MODES:
             raise ValueError(f"--peak-backward must be one of {', '.join(BACKWARD_MODES)}")
+        if self.val_min_per_class < 0:
+            raise ValueError(f"--val-min-per-class must be >= 0, got {self.val_min_per_class}")
         if self.val_data is None and not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction} (or pass --val-data)")
         for name in ("epochs", "batch_size", "workers", "image_size", "keep_checkpoints"):
@@ -108,10 +116,65 @@ class ClassifyConfig:
             raise ValueError("--cpus-per-worker must be > 0, --loader-workers >= 0, --max-failures >= -1")
 
 
+def _key_hash(key: str) -> float:
+    """A fixed hash of the sample key in [0, 1), so every run and stage agrees on the split."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2.0 ** 64
+
+
 def is_held_out(key: str, fraction: float) -> bool:
-    """The held-out split: a fixed hash of the sample key, so every run and stage agrees on it."""
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
-    return h / 2.0 ** 64 < fraction
+    """The held-out split by fraction: the samples whose key hash is under it."""
+    return _key_hash(key) < fraction
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out side of --data: key hash under `fraction`, plus the `extra` keys of the per-class floor."""
+
+    fraction: float
+    extra: frozenset = frozenset()
+
+    def __call__(self, key: str) -> bool:
+        return key in self.extra or is_held_out(key, self.fraction)
+
+
+def held_out_split(root: str, classes: list[str], fraction: float, floor: int) -> HeldOut:
+    """The fraction's split, topped up to `floor` held-out images per class where it has fewer.
+
+    Why: a key-hash fraction of a small dataset holds out a handful of images (0.1 of 100 is about 10,
+    three per class), too few for a per-class AP to mean anything. The extra images of a class are its
+    not-yet-held-out images of lowest key hash (so the split is the same in every run), at most half of
+    the class's images, so that the class still trains. One pass over the manifests, keeping at most
+    `floor` candidates per class: memory grows with the classes, not with the images."""
+    if floor == 0:
+        return HeldOut(fraction)
+    table = shards.read_manifest(root)
+    known = set(classes)
+    held, total = dict.fromkeys(classes, 0), dict.fromkeys(classes, 0)
+    candidates: dict[str, list] = {c: [] for c in classes}  # per class, a max-heap of the `floor` lowest hashes
+    for key, labels in zip(table.column("key").to_pylist(), table.column("labels").to_pylist()):
+        labels = sorted(set(labels) & known)
+        h = _key_hash(key)
+        for c in labels:
+            total[c] += 1
+            if h < fraction:
+                held[c] += 1
+            elif len(candidates[c]) < floor:
+                heapq.heappush(candidates[c], (-h, key, labels))
+            elif -candidates[c][0][0] > h:
+                heapq.heapreplace(candidates[c], (-h, key, labels))
+    extra: set[str] = set()
+    for c in classes:
+        for _, key, labels in sorted(candidates[c], reverse=True):  # lowest hash first
+            if held[c] >= floor or 2 * (held[c] + 1) > total[c]:
+                break
+            if key in extra:
+                continue
+            if any(2 * (held[l] + 1) > total[l] for l in labels):
+                continue  # it would take more than half of another of its classes
+            extra.add(key)
+            for l in labels:
+                held[l] += 1
+    return HeldOut(fraction, frozenset(extra))
 
 
 def dataset_classes(root: str) -> list[str]:
@@ -125,13 +188,13 @@ def dataset_classes(root: str) -> list[str]:
     return classes
 
 
-def _split_counts(root: str, classes: list[str], fraction: float | None, held_out: bool) -> dict[str, Any]:
+def _split_counts(root: str, classes: list[str], held: HeldOut | None, held_out: bool) -> dict[str, Any]:
     """Samples and per-class counts of one side of the split, from the manifests (no image decoding)."""
     table = shards.read_manifest(root)
     known = set(classes)
     counts, n, unlabelled = dict.fromkeys(classes, 0), 0, 0
     for key, labels in zip(table.column("key").to_pylist(), table.column("labels").to_pylist()):
-        if fraction is not None and is_held_out(key, fraction) != held_out:
+        if held is not None and held(key) != held_out:
             continue
         labels = [l for l in labels if l in known]
         if not labels:
@@ -169,10 +232,10 @@ class ShardStream(IterableDataset):
     train=False: one ordered pass (rank 0 evaluates).
     """
 
-    def __init__(self, root: str, classes: list[str], fraction: float | None, held_out: bool, transform,
+    def __init__(self, root: str, classes: list[str], held: HeldOut | None, held_out: bool, transform,
                  train: bool, seed: int = 0, rank: int = 0, world: int = 1, weights: dict[str, int] | None = None,
                  shuffle_buffer: int = 256, units: list[Unit] | None = None, unit_size: int = UNIT_SIZE):
-        self.root, self.classes, self.fraction, self.held_out = root, classes, fraction, held_out
+        self.root, self.classes, self.held, self.held_out = root, classes, held, held_out
         self.transform, self.train, self.seed, self.rank, self.world = transform, train, seed, rank, world
         self.weight = sample_weights_fn(weights) if weights else None
         self.shuffle_buffer, self.units, self.unit_size = shuffle_buffer, units, unit_size
@@ -181,7 +244,7 @@ class ShardStream(IterableDataset):
     def _labelled(self, samples: Iterable[shards.Sample], part: int, parts: int,
                   by_key: bool) -> Iterator[tuple[shards.Sample, list]]:
         for s in samples:
-            if self.fraction is not None and is_held_out(s.key, self.fraction) != self.held_out:
+            if self.held is not None and self.held(s.key) != self.held_out:
                 continue
             if by_key and int(hashlib.sha1(s.key.encode()).hexdigest()[-8:], 16) % parts != part:
                 continue
@@ -340,7 +403,8 @@ def train_loop(lc: dict) -> None:
     steps = lc["steps_per_epoch"] or max(1, math.ceil(lc["train_samples"] / (lc["batch_size"] * world)))
     units = lc["units"]
     val_data = lc["val_data"] or lc["data"]
-    fraction = None if lc["val_data"] else lc["val_fraction"]  # None: --val-data holds the held-out split
+    # None: --val-data holds the held-out split
+    held = None if lc["val_data"] else HeldOut(lc["val_fraction"], frozenset(lc["held_out_extra"]))
     if rank == 0:
         log.info("classify: epochs %d..%d, %d steps/epoch on %d worker(s)", start_epoch, lc["epochs"], steps, world)
 
@@ -353,7 +417,7 @@ def train_loop(lc: dict) -> None:
                 dist.barrier()
             raise RuntimeError(f"injected failure at the start of epoch {epoch} (fail_at_epoch)")
         t0 = time.time()
-        stream = ShardStream(lc["data"], classes, fraction, False,
+        stream = ShardStream(lc["data"], classes, held, False,
                              train_transform(lc["image_size"], lc["crop_scale"]), train=True,
                              seed=lc["seed"] * 100003 + epoch, rank=rank, world=world,
                              weights=lc["class_counts"] if lc["balanced"] else None, units=units)
@@ -373,7 +437,7 @@ def train_loop(lc: dict) -> None:
                                    "loss": float(loss_sum[0] / loss_sum[1]),
                                    "images_per_s": float(loss_sum[1]) / train_time, "train_time_s": train_time}
         if rank == 0:
-            val = ShardStream(val_data, classes, fraction, True, eval_transform(lc["image_size"]), train=False)
+            val = ShardStream(val_data, classes, held, True, eval_transform(lc["image_size"]), train=False)
             result = evaluate(net, DataLoader(val, batch_size=lc["batch_size"]), classes, device)
             metrics.update({k: v for k, v in result.items() if k != "ap"})
             metrics.update({f"ap/{c}": v for c, v in result.get("ap", {}).items()})
@@ -386,6 +450,19 @@ def train_loop(lc: dict) -> None:
                                  checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         else:
             ray.train.report(metrics)
+
+
+def _small_split_warning(val_counts: dict, cfg: ClassifyConfig) -> str:
+    """A line naming the classes with fewer held-out images than the floor (at least one), with the counts;
+    empty when the split is large enough."""
+    floor = max(cfg.val_min_per_class, 1)
+    small = {c: n for c, n in val_counts["class_counts"].items() if n < floor}
+    if not small:
+        return ""
+    where = f"--val-data {cfg.val_data}" if cfg.val_data else f"--val-fraction {cfg.val_fraction} of {cfg.data}"
+    return (f"the held-out split ({where}) is too small to measure the classifier: {val_counts['samples']} images, "
+            f"under {floor} for {', '.join(f'{c} ({n})' for c, n in small.items())}; per class: "
+            f"{val_counts['class_counts']}. Pass --val-data, or more data, or raise --val-fraction")
 
 
 def _check_run_folder(cfg: ClassifyConfig, classes: list[str]) -> None:
@@ -403,13 +480,17 @@ def run_classify(cfg: ClassifyConfig) -> dict:
         if not shards.list_shards(root):
             raise FileNotFoundError(f"no complete shards in {root}: run the crawl or import stage first")
     classes = dataset_classes(cfg.data)
-    fraction = None if cfg.val_data else cfg.val_fraction
-    train_counts = _split_counts(cfg.data, classes, fraction, held_out=False)
-    val_counts = _split_counts(cfg.val_data or cfg.data, classes, fraction, held_out=True)
+    held = None if cfg.val_data else held_out_split(cfg.data, classes, cfg.val_fraction, cfg.val_min_per_class)
+    train_counts = _split_counts(cfg.data, classes, held, held_out=False)
+    val_counts = _split_counts(cfg.val_data or cfg.data, classes, held, held_out=True)
     if train_counts["samples"] == 0:
         raise ValueError(f"{cfg.data} has no labelled training samples (after holding out {cfg.val_fraction})")
-    if val_counts["samples"] == 0:
-        log.warning("classify: the held-out split is empty; no mAP will be measured")
+    val_counts["added_by_floor"] = len(held.extra) if held else 0
+    val_counts["warning"] = _small_split_warning(val_counts, cfg)
+    if val_counts["warning"]:
+        log.warning("classify: %s", val_counts["warning"])
+    log.info("classify: %d training and %d held-out images (held out per class: %s)", train_counts["samples"],
+             val_counts["samples"], val_counts["class_counts"])
     if cfg.backbone_weights.lower() not in ("imagenet", "none") and not storage.exists(cfg.backbone_weights):
         raise FileNotFoundError(f"backbone weights file {cfg.backbone_weights} does not exist: pass an existing "
                                 f"file, 'imagenet', or 'none' to train from scratch")
@@ -420,6 +501,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     run_config = dataclasses.asdict(cfg)
     loop_config = {**run_config, "classes": classes, "train_samples": train_counts["samples"],
+                   "held_out_extra": sorted(held.extra) if held else [],
                    "class_counts": train_counts["class_counts"], "run_config": run_config,
                    "units": dataset_units(cfg.data)}  # planned once here, not on every rank
     trainer = TorchTrainer(

@@ -110,6 +110,7 @@ class FidelityAccumulator:
                 "iou": ratio(self.inter[k], self.union[k]),
             }
         n_tp, n_p, n_g = sum(tp.values()), sum(self.n_pseudo.values()), sum(n_gt.values())
+        missing = [c for c in self.classes if n_gt[c] and not self.n_pseudo[c]]
         ious = [self.inter[k] / self.union[k] for k in range(len(self.classes) + 1) if self.union[k]]
         return {
             "images": self.images, "gt_instances": n_g, "pseudo_instances": n_p, "iou_threshold": self.iou,
@@ -117,6 +118,7 @@ class FidelityAccumulator:
             "precision": ratio(n_tp, n_p), "recall": ratio(n_tp, n_g),
             "miou": float(np.mean(ious)) if ious else None,
             "background_iou": ratio(self.inter[0], self.union[0]),
+            "classes_without_pseudo_instances": missing,
             "per_class": per_class,
         }
 
@@ -146,7 +148,20 @@ def markdown(result: dict, data: str) -> str:
     lines.append(f"| **all** | {result['gt_instances']} | {result['pseudo_instances']} | "
                  f"{_fmt(result['abo_same_class'])} | {_fmt(result['abo_any_class'])} | {_fmt(result['precision'])} | "
                  f"{_fmt(result['recall'])} | mIoU {_fmt(result['miou'])} |")
+    lines += [""] + missing_lines(result)
     return "\n".join(lines) + "\n"
+
+
+def missing_lines(result: dict) -> list[str]:
+    """The classes with true instances and no pseudo instance, and why when the pseudo stage said
+    (no peak anywhere, or peaks but no mask): a model trained on these masks never sees them."""
+    no_peak = set(result.get("classes_without_peaks") or [])
+    lines = []
+    for c in result["classes_without_pseudo_instances"]:
+        why = "no peak in any image" if c in no_peak else "peaks, but no pseudo instance"
+        lines.append(f"- **{c}: no pseudo instance at all** ({result['per_class'][c]['gt_instances']} true instances; "
+                     f"{why}): a model trained on these masks never sees this class.")
+    return lines
 
 
 def picture_grid(samples: list[shards.Sample], classes: list[str]) -> bytes:
@@ -202,7 +217,11 @@ def run_fidelity(cfg: FidelityConfig) -> dict:
     if acc.images == 0:
         raise ValueError(f"no sample of {cfg.data} has gt.json: fidelity needs data with ground truth "
                          f"(e.g. an imported VOC split or the synthetic world)")
-    result = {**acc.result(), "data": cfg.data, "samples_without_gt": no_gt}
+    info = shards.read_dataset_info(cfg.data)
+    result = {**acc.result(), "data": cfg.data, "samples_without_gt": no_gt,
+              "classes_without_peaks": info.get("classes_without_peaks")}  # as the pseudo stage counted them
+    for line in missing_lines(result):
+        log.warning("fidelity: %s", line.removeprefix("- ").replace("**", ""))
     storage.makedirs(cfg.out)
     storage.write_json_atomic(storage.join(cfg.out, "fidelity.json"), result)
     storage.write_bytes_atomic(storage.join(cfg.out, "fidelity.md"), markdown(result, cfg.data).encode())

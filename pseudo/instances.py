@@ -1,4 +1,5 @@
-"""Pseudo instances of one image: class response -> peaks -> peak responses -> proposals -> NMS.
+"""Pseudo instances of one image: class response -> peaks -> peak responses -> one mask per peak ->
+peaks grouped per object (their responses merged) -> GrabCut -> NMS.
 
 Kept apart from the Ray stage so the benchmark and tests run the same per-image code in-process.
 """
@@ -13,6 +14,7 @@ from PIL import Image
 
 from maskless.pseudo.classifier import PeakClassifier
 from maskless.pseudo.classify import eval_transform
+from maskless.pseudo.grouping import covered_area, merge_groups, peak_groups, unexplained_peaks
 from maskless.pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
 from maskless.pseudo.proposals import Proposals
 from maskless.pseudo.refine import REFINERS, grabcut
@@ -36,6 +38,9 @@ class MaskerOptions:
     refine_core: float = 0.6          # GrabCut: definitely object where the smoothed response >= this x max
     refine_margin: float = 0.25       # GrabCut: definitely background outside the mask's box grown by this
     refine_iterations: int = 5
+    group_overlap: float | None = 0.5  # peaks whose smoothed responses share this much mass: one object (None: IoU only)
+    explain_rounds: int = 0           # rounds adding a peak per class where the class map is high but unexplained
+    explain_threshold: float = 0.5    # such a peak needs the class map >= this x its maximum
     retrieval: RetrievalOptions = field(default_factory=RetrievalOptions)
 
     def validate(self) -> None:
@@ -53,6 +58,11 @@ class MaskerOptions:
             raise ValueError(f"unknown refine {self.refine!r}; use one of {REFINERS}")
         if not 0 < self.refine_core <= 1 or self.refine_margin < 0 or self.refine_iterations < 1:
             raise ValueError("need 0 < refine_core <= 1, refine_margin >= 0 and refine_iterations >= 1")
+        if self.group_overlap is not None and not 0 < self.group_overlap <= 1:
+            raise ValueError(f"group_overlap is a shared fraction of response mass: in (0, 1], got {self.group_overlap}")
+        if self.explain_rounds < 0 or not 0 <= self.explain_threshold <= 1:
+            raise ValueError(f"need explain_rounds >= 0 and explain_threshold in [0, 1], got {self.explain_rounds}, "
+                             f"{self.explain_threshold}")
         if self.input_size is not None and (self.input_size < 32 or self.input_size % 32):
             raise ValueError(f"input_size must be a multiple of 32 (the backbone stride), got {self.input_size}")
         self.retrieval.validate()
@@ -108,6 +118,21 @@ class PseudoMasker:
         if not peaks:
             return PeakResponses(image, [], np.zeros((0, 2), int), np.zeros((0, h, w)), np.zeros((0, h, w)))
         maps = peak_response_maps(self.model, x, peaks, self.opts.response, self.opts.peak_batch)
+        crm_np, blur, thr = crm.cpu().numpy(), self.opts.retrieval.response_blur, self.opts.retrieval.response_threshold
+        covered = []
+        for _ in range(self.opts.explain_rounds):
+            input_yx = self.model.crm_to_input(torch.tensor([[p.y, p.x] for p in peaks]), tuple(crm.shape[1:]),
+                                               tuple(x.shape[2:])).long()
+            input_yx = torch.minimum(input_yx, torch.tensor([x.shape[2] - 1, x.shape[3] - 1])).tolist()
+            covered += [covered_area(maps[k].numpy(), tuple(input_yx[k]), blur, thr, crm_np.shape[1:],
+                                     self.model.upsample)
+                        for k in range(len(covered), len(peaks))]
+            new = unexplained_peaks(crm_np, ids, peaks, covered, self.opts.explain_threshold, self.opts.max_peaks,
+                                    self.model.upsample)
+            if not new:
+                break
+            peaks = peaks + new
+            maps = torch.cat([maps, peak_response_maps(self.model, x, new, self.opts.response, self.opts.peak_batch)])
         resp = F.interpolate(maps[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0].clamp(min=0)
         resp = resp / resp.flatten(1).sum(1).clamp(min=1e-12)[:, None, None]
         class_maps = F.interpolate(crm[None].cpu(), size=(h, w), mode="bilinear", align_corners=True)[0]
@@ -117,8 +142,9 @@ class PseudoMasker:
         return PeakResponses(image, peaks, points, resp.numpy(), class_maps.numpy())
 
     def instances(self, pr: PeakResponses, proposals: Proposals | None) -> list[dict]:
-        """One mask per peak by the configured rule, refined (GrabCut) unless refine is "none", then
-        NMS -> FORMAT.md instances. The response rule needs no proposals (None); the others do."""
+        """One mask per peak by the configured rule; peaks of one object grouped (pseudo/grouping.py), a
+        group's mask made again from its summed response (merge_responses); refined (GrabCut) unless
+        refine is "none"; then NMS -> FORMAT.md instances. The response rule needs no proposals (None)."""
         h, w = pr.responses.shape[1:]
         if proposals is None:
             if self.opts.rule != "response":
@@ -126,29 +152,48 @@ class PseudoMasker:
         elif proposals.image_size != (h, w):
             raise ValueError(f"proposals are for a {proposals.image_size} image, the image is {(h, w)}")
         opts, candidates = self.opts.retrieval, []
-        index = considered(proposals, opts) if self.opts.rule == "wise" else None
-        scorers: dict[int, PrmScorer] = {}
+        pick = self._picker(pr, proposals)
         for p, point, r in zip(pr.peaks, pr.points, pr.responses):
             yx = (int(point[0]), int(point[1]))
-            if self.opts.rule == "response":
-                mask = response_mask(r, yx, opts.response_blur, opts.response_threshold)
-                if mask.any():
-                    candidates.append(Candidate(p.cls, p.value, mask, yx, r))
-                continue
-            if self.opts.rule == "prm":
-                if p.cls not in scorers:
-                    scorers[p.cls] = PrmScorer(proposals, pr.class_maps[p.cls], opts)
-                picked = scorers[p.cls].select(r)
-            else:
-                found = wise_select(r, proposals, index)
-                picked = None if found is None else (found[0], p.value)
-            if picked is not None:
-                candidates.append(Candidate(p.cls, float(picked[1]), proposals.mask(picked[0]), yx, r))
+            picked = pick(r, [yx], p.cls)
+            if picked is not None and picked[0].any():
+                score = p.value if picked[1] is None else picked[1]
+                candidates.append(Candidate(p.cls, float(score), picked[0], yx, r))
+        groups = peak_groups(candidates, opts.response_blur, self.opts.group_overlap, opts.nms_iou,
+                             opts.class_agnostic_nms)
+
+        def remask(response: np.ndarray, points: list[tuple[int, int]], cls: int) -> np.ndarray | None:
+            picked = pick(response, points, cls)
+            return None if picked is None else picked[0]
+
+        candidates = merge_groups(candidates, groups, opts.merge_responses, remask)
         if self.opts.refine == "grabcut":
             for c in candidates:
                 c.mask = grabcut(pr.image, c.mask, smooth(c.response, opts.response_blur), self.opts.refine_core,
                                  self.opts.refine_margin, self.opts.refine_iterations)
         return [to_instance(c, self.classes) for c in nms(candidates, opts)]
+
+    def _picker(self, pr: PeakResponses, proposals: Proposals | None):
+        """The rule as a function (response map, peak points, class) -> (mask, score or None for the peak's
+        own value), or None when the rule finds no mask."""
+        opts = self.opts.retrieval
+        if self.opts.rule == "response":
+            return lambda r, points, cls: (response_mask(r, points, opts.response_blur, opts.response_threshold), None)
+        if self.opts.rule == "wise":
+            index = considered(proposals, opts)
+
+            def wise(r, points, cls):
+                found = wise_select(r, proposals, index)
+                return None if found is None else (proposals.mask(found[0]), None)
+            return wise
+        scorers: dict[int, PrmScorer] = {}
+
+        def prm(r, points, cls):
+            if cls not in scorers:
+                scorers[cls] = PrmScorer(proposals, pr.class_maps[cls], opts)
+            picked = scorers[cls].select(r)
+            return None if picked is None else (proposals.mask(picked[0]), picked[1])
+        return prm
 
     def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals | None,
                  forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:

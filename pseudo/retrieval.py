@@ -28,7 +28,7 @@ class RetrievalOptions:
     response_blur: float = 0.03      # rule "response": Gaussian sigma, fraction of the image's shorter side
     response_threshold: float = 0.4  # rule "response": mask where the smoothed map >= this x its maximum
     nms_iou: float = 0.3
-    merge_responses: bool = True     # a suppressed peak's response map is added to its keeper's
+    merge_responses: bool = True     # a group's mask is made again from its peaks' summed response maps
     class_agnostic_nms: bool = False
 
     def validate(self) -> None:
@@ -120,41 +120,38 @@ def smooth(response: np.ndarray, blur: float) -> np.ndarray:
     return cv2.GaussianBlur(r, (0, 0), blur * min(r.shape)) if blur > 0 else r
 
 
-def response_mask(response: np.ndarray, point: tuple[int, int], blur: float, threshold: float) -> np.ndarray:
+def response_mask(response: np.ndarray, points: tuple[int, int] | list[tuple[int, int]], blur: float,
+                  threshold: float) -> np.ndarray:
     """maskless's rule: the peak response map as the mask, no proposals. Peak backpropagation lights
     an object's texture and edges rather than its whole surface, so the map is first smoothed (Gaussian,
     sigma = blur x the image's shorter side), then kept where >= threshold x its maximum; the connected
-    component holding the peak is the mask (the one holding the map's maximum when the peak is outside).
-    Measured against PRM's proposal score on the world in docs/PSEUDO.md."""
+    components holding the peak points (one peak, or a group's: pseudo/grouping.py) are the mask (the
+    one holding the map's maximum when no point is inside). Its shape is what the map gives: long,
+    concave or holed. Measured against PRM's proposal score on the world in docs/PSEUDO.md."""
     r = smooth(response, blur)
     keep = (r >= threshold * float(r.max())).astype(np.uint8) if r.max() > 0 else np.zeros(r.shape, np.uint8)
+    if not keep.any():
+        return np.zeros(r.shape, bool)
     _, labels = cv2.connectedComponents(keep)
-    y, x = point if keep[point] else np.unravel_index(int(np.argmax(r)), r.shape)
-    return labels == labels[y, x] if keep[y, x] else np.zeros(r.shape, bool)
+    points = [points] if isinstance(points, tuple) else points
+    held = {int(labels[y, x]) for y, x in points if keep[y, x]}
+    if not held:
+        held = {int(labels[np.unravel_index(int(np.argmax(r)), r.shape)])}
+    return np.isin(labels, list(held))
 
 
 def nms(candidates: list[Candidate], opts: RetrievalOptions) -> list[Candidate]:
-    """Greedy NMS in score order at opts.nms_iou (per class unless class_agnostic_nms); a suppressed
-    candidate's response map is added to the one that suppressed it (PRM)."""
+    """Greedy NMS in score order at opts.nms_iou (per class unless class_agnostic_nms). Response maps
+    are merged before, when peaks are grouped (pseudo/grouping.py): here the masks are final."""
     todo = sorted(range(len(candidates)), key=lambda i: -candidates[i].score)
     encoded = [rle.encode(c.mask) for c in candidates]
     iou = rle.iou_matrix(encoded, encoded)
     kept: list[Candidate] = []
     while todo:
         i = todo.pop(0)
-        head = candidates[i]
-        head = Candidate(head.cls, head.score, head.mask, head.peak, head.response.copy())
-        rest = []
-        for j in todo:
-            c = candidates[j]
-            same = opts.class_agnostic_nms or c.cls == head.cls
-            if same and iou[i, j] >= opts.nms_iou:
-                if opts.merge_responses:
-                    head.response += c.response
-            else:
-                rest.append(j)
-        todo = rest
-        kept.append(head)
+        kept.append(candidates[i])
+        todo = [j for j in todo if not ((opts.class_agnostic_nms or candidates[j].cls == candidates[i].cls)
+                                        and iou[i, j] >= opts.nms_iou)]
     return kept
 
 

@@ -40,6 +40,20 @@ from maskless.pseudo.retrieval import RULES, RetrievalOptions
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "pseudo.summary.json"
 PLAN_FILE = "pseudo.units.json"  # the unit size and, per input shard, its sample count and key digest
+CLASS_COUNTS = ("images_labelled", "peaks", "instances")  # per class, in each shard's stats and the summary
+
+
+def class_report(stats: list[dict], classes: list[str]) -> dict:
+    """Per-class counts over the committed shards' stats, and the classes that got no peak, or peaks but
+    no instance, in the whole dataset: Mask R-CNN never sees those classes, so they are named, not zeros."""
+    per_class = {c: dict.fromkeys(CLASS_COUNTS, 0) for c in classes}
+    for st in stats:
+        for key, counts in st.get("per_class", {}).items():
+            for c, n in counts.items():
+                per_class.setdefault(c, dict.fromkeys(CLASS_COUNTS, 0))[key] += n
+    return {"per_class": per_class,
+            "classes_without_peaks": [c for c, v in per_class.items() if v["peaks"] == 0],
+            "classes_without_instances": [c for c, v in per_class.items() if v["peaks"] and v["instances"] == 0]}
 
 
 @dataclass
@@ -77,6 +91,14 @@ class PseudoConfig:
     refine_margin: float = field(default=MaskerOptions.refine_margin, metadata={
         "help": "GrabCut: definitely background outside the mask's box grown by this x its size"})
     refine_iterations: int = field(default=MaskerOptions.refine_iterations, metadata={"help": "GrabCut iterations"})
+    explain_rounds: int = field(default=MaskerOptions.explain_rounds, metadata={
+        "help": "rounds that add, per class, a peak where the class map is still high outside the masks of the "
+                "peaks so far (touching same-class objects share one local maximum); 0 = local maxima only"})
+    explain_threshold: float = field(default=MaskerOptions.explain_threshold, metadata={
+        "help": "such a peak needs the class map at least this x its maximum"})
+    group_overlap: Optional[float] = field(default=MaskerOptions.group_overlap, metadata={
+        "help": "peaks of a class whose smoothed response maps share at least this fraction of their mass are "
+                "one object (one mask); peaks whose masks overlap at --nms-iou are too (None: that alone)"})
     inside_weight: float = field(default=RetrievalOptions.inside_weight, metadata={
         "help": "PRM score: weight of the response inside"})
     contour_weight: float = field(default=RetrievalOptions.contour_weight, metadata={
@@ -100,7 +122,7 @@ class PseudoConfig:
     nms_iou: float = field(default=RetrievalOptions.nms_iou, metadata={
         "help": "NMS IoU threshold between a peak's instances"})
     merge_responses: bool = field(default=RetrievalOptions.merge_responses, metadata={
-        "help": "NMS adds suppressed peaks' response maps"})
+        "help": "a group of peaks gets the mask of their summed response maps (else its strongest peak's mask)"})
     class_agnostic_nms: bool = field(default=RetrievalOptions.class_agnostic_nms, metadata={
         "help": "NMS across classes"})
     cache_proposals: bool = field(default=False, metadata={
@@ -231,6 +253,7 @@ class PseudoActor:
                "actor": self.actor, "node": self.node}
         if storage.exists(storage.join(cfg.out, unit.name + ".tar")):
             return row  # committed by an earlier attempt whose result was lost: never write it twice
+        counts = {k: dict.fromkeys(self.masker.classes, 0) for k in CLASS_COUNTS}
         try:
             items = pickle.loads(payload)
             with shards.ShardWriter(cfg.out, unit.name) as writer:
@@ -241,7 +264,14 @@ class PseudoActor:
                         if len(writer) == 1 and {unit.shard, unit.name} & set(cfg.fail_units):
                             self._inject_failure(unit.name)
                         proposals = None if props is None else Proposals.from_bytes(props)
-                        instances = self.masker(image, s.labels, proposals, (x[j:j + 1], crm[j]))
+                        responses = self.masker.responses(image, s.labels, (x[j:j + 1], crm[j]))
+                        instances = self.masker.instances(responses, proposals)
+                        for label in set(s.labels) & set(self.masker.classes):
+                            counts["images_labelled"][label] += 1
+                        for p in responses.peaks:
+                            counts["peaks"][self.masker.classes[p.cls]] += 1
+                        for inst in instances:
+                            counts["instances"][inst["class"]] += 1
                         extra = {k: v for k, v in s.extra.items() if k != CACHE_ENTRY}
                         if cfg.cache_proposals and props is not None:
                             extra[CACHE_ENTRY] = props
@@ -257,7 +287,7 @@ class PseudoActor:
                 row["seconds"] = round(time.time() - start, 3)
                 writer.commit({"stage": "pseudo", "input_shard": unit.shard, "input_samples": [unit.start, unit.stop],
                                "pseudo_instances": row["instances"], "images_without_instances": row["empty"],
-                               **timing, "masking_seconds": row["seconds"], "finished": time.time(),
+                               "per_class": counts, **timing, "masking_seconds": row["seconds"], "finished": time.time(),
                                "actor": self.actor, "node": self.node})
         except Exception as e:  # the writer aborted: no output shard; reported, and a rerun redoes it
             log.exception("unit %s failed", unit.name)
@@ -402,6 +432,13 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     missing = [u.name for u in units if u.name not in written]
     images = int(sum(r["count"] for r in rows))
     seconds = time.time() - start
+    report = class_report(shards.read_stats(cfg.out), classes)
+    for key, what in (("classes_without_peaks", "no peak in any train image (no image labelled with it, or never "
+                                                "predicted)"),
+                      ("classes_without_instances", "peaks but no pseudo instance")):
+        if report[key]:
+            log.warning("pseudo: %d class(es) with %s: %s; Mask R-CNN gets no example of them", len(report[key]),
+                        what, ", ".join(report[key]))
     summary = {
         "input_shards": len(names), "unit_size": cfg.unit_size, "units": len(units), "skipped": len(units) - len(todo),
         "processed": len([u for u in todo if u.name in written]), "failed": failed, "ray_error": crashed,
@@ -410,6 +447,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
         "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
         "actors": cfg.actors, "per_actor": actor_rates(rows), "gpu": use_gpu,
         "rule": cfg.rule, "response": cfg.response, "refine": cfg.refine, "proposals": proposals, "out": cfg.out,
+        **report,
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
@@ -417,7 +455,9 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
                            f"{', ...' if len(missing) > 20 else ''}): {failed or crashed or 'see the Ray logs'}; "
                            f"rerun the same command to redo them")
     info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
-                                     response=cfg.response, proposals=proposals)
+                                     response=cfg.response, proposals=proposals,
+                                     classes_without_peaks=report["classes_without_peaks"],
+                                     classes_without_instances=report["classes_without_instances"])
     summary["samples"] = info["samples"]
     log.info("pseudo: %s", summary)
     return summary

@@ -1,4 +1,5 @@
 """Stage-one classifier: peak stimulation by hand, training on Ray Train with a failure and a rerun."""
+import io
 import json
 import os
 import urllib.error
@@ -6,6 +7,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from maskless.core import shards
 from maskless.pseudo.classifier import PeakClassifier, build_classifier, load_classifier, save_classifier
@@ -136,10 +138,10 @@ def test_average_precision_and_balanced_weights_by_hand():
 def test_shard_stream_split_and_partitions(world_shards):
     from itertools import islice
 
-    from maskless.pseudo.classify import ShardStream, eval_transform
+    from maskless.pseudo.classify import HeldOut, ShardStream, eval_transform
 
     classes, tf = world_shards["classes"], eval_transform(32)
-    n = {side: sum(1 for _ in ShardStream(world_shards["train"], classes, 0.3, side, tf, train=False))
+    n = {side: sum(1 for _ in ShardStream(world_shards["train"], classes, HeldOut(0.3), side, tf, train=False))
          for side in (True, False)}
     assert n[True] > 0 and n[False] > 0 and n[True] + n[False] == 18  # the key-hash split is a partition
     # the val split is one shard of 6: two ranks split it by key hash, and each stream is endless
@@ -148,6 +150,49 @@ def test_shard_stream_split_and_partitions(world_shards):
                              weights={c: 1 + i for i, c in enumerate(classes)})
         items = list(islice(iter(stream), 20))
         assert len(items) == 20 and all(x.shape == (3, 32, 32) and y.sum() >= 1 for x, y in items)
+
+
+def _labelled_dataset(root, labels_per_key):
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpg, "JPEG")
+    samples = [shards.Sample(k, jpg.getvalue(), {"labels": l, "width": 8, "height": 8})
+               for k, l in labels_per_key.items()]
+    shards.write_shards(samples, str(root), "s", max_count=25)
+    return str(root)
+
+
+def test_held_out_split_has_a_floor_per_class_and_warns_when_it_cannot(tmp_path, caplog):
+    from maskless.pseudo.classify import ClassifyConfig, _small_split_warning, _split_counts, held_out_split, is_held_out
+
+    # 60 images of a, 12 of b (4 of them also a), 2 of c
+    labels = {f"a{i}": ["a"] for i in range(60)}
+    labels |= {f"b{i}": ["b"] + (["a"] if i < 4 else []) for i in range(12)} | {"c0": ["c"], "c1": ["c"]}
+    root = _labelled_dataset(tmp_path / "d", labels)
+    classes = ["a", "b", "c"]
+    by_fraction = {c: sum(c in l and is_held_out(k, 0.1) for k, l in labels.items()) for c in classes}
+    held = held_out_split(root, classes, 0.1, floor=5)
+    counts = _split_counts(root, classes, held, held_out=True)["class_counts"]
+    # every class reaches the floor where half of its images allow it; the fraction's images stay held out
+    assert counts["a"] >= max(5, by_fraction["a"]) and counts["b"] == max(5, by_fraction["b"])
+    assert counts["c"] == 1 or by_fraction["c"] == 2  # at most half of c's 2 images, unless the hash took both
+    assert all(is_held_out(k, 0.1) or k in held.extra for k in labels if held(k))
+    assert all(not is_held_out(k, 0.1) for k in held.extra)
+    # the extra images of a class are its lowest key hashes that the fraction left out: the same in every run
+    assert held == held_out_split(root, classes, 0.1, floor=5)
+    from maskless.pseudo.classify import _key_hash
+    rest_b = sorted((k for k, l in labels.items() if "b" in l and not is_held_out(k, 0.1)), key=_key_hash)
+    assert set(rest_b[: 5 - by_fraction["b"]]) <= held.extra
+    train = _split_counts(root, classes, held, held_out=False)
+    assert train["samples"] + _split_counts(root, classes, held, held_out=True)["samples"] == len(labels)
+    # no floor: the fraction alone
+    assert held_out_split(root, classes, 0.1, floor=0).extra == frozenset()
+    # a class left under the floor is named, with the counts
+    cfg = ClassifyConfig(data=root, out="o", val_fraction=0.1, val_min_per_class=5)
+    line = _small_split_warning({"samples": sum(counts.values()), "class_counts": counts}, cfg)
+    assert f"c ({counts['c']})" in line and "a (" not in line and str(counts) in line
+    assert _small_split_warning({"samples": 30, "class_counts": {"a": 10, "b": 10}}, cfg) == ""
+    with pytest.raises(ValueError, match="val-min-per-class"):
+        ClassifyConfig(data=root, out="o", val_min_per_class=-1).validate()
 
 
 def _records(out):

@@ -178,16 +178,96 @@ def test_grabcut_grows_a_partial_mask_to_the_object_and_keeps_degenerate_masks()
     assert (grabcut(image, everything, response) == everything).all()
 
 
-def test_nms_merges_duplicates():
+def test_nms_keeps_the_best_mask_per_class():
     a, b, c = _box(0, 10, 0, 10), _box(1, 11, 0, 10), _box(20, 30, 20, 30)
-    r = [np.full((40, 40), v) for v in (1.0, 2.0, 4.0, 8.0)]
-    cands = [Candidate(0, 0.5, b, (5, 5), r[0]), Candidate(0, 0.9, a, (4, 4), r[1]),
-             Candidate(0, 0.7, c, (25, 25), r[2]), Candidate(1, 0.6, a, (3, 3), r[3])]
+    r = np.zeros((40, 40))
+    cands = [Candidate(0, 0.5, b, (5, 5), r), Candidate(0, 0.9, a, (4, 4), r),
+             Candidate(0, 0.7, c, (25, 25), r), Candidate(1, 0.6, a, (3, 3), r)]
     kept = nms(cands, RetrievalOptions(nms_iou=0.3))
     assert [(k.cls, k.score) for k in kept] == [(0, 0.9), (0, 0.7), (1, 0.6)]
-    assert np.all(kept[0].response == 3.0) and np.all(r[1] == 2.0)  # merged into a copy
-    agnostic = nms(cands, RetrievalOptions(nms_iou=0.3, class_agnostic_nms=True, merge_responses=False))
-    assert [k.score for k in agnostic] == [0.9, 0.7] and np.all(agnostic[0].response == 2.0)
+    agnostic = nms(cands, RetrievalOptions(nms_iou=0.3, class_agnostic_nms=True))
+    assert [k.score for k in agnostic] == [0.9, 0.7]
+
+
+def _shape_image(shapes, size=64, seed=0):
+    """A noisy grey-blue image with each (mask, colour) painted on it."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal((70, 90, 160), 10, (size, size, 3))
+    for m, colour in shapes:
+        image[m] = rng.normal(colour, 10, (int(m.sum()), 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _masker(**opts):
+    """A masker for hand-made responses (the classifier is not used), options by name."""
+    import dataclasses
+
+    from maskless.pseudo.classifier import PeakClassifier
+    from maskless.pseudo.instances import MaskerOptions, PseudoMasker
+
+    names = {f.name for f in dataclasses.fields(RetrievalOptions)}
+    retrieval = RetrievalOptions(**{k: v for k, v in opts.items() if k in names})
+    masker_opts = MaskerOptions(**{k: v for k, v in opts.items() if k not in names}, retrieval=retrieval)
+    return PseudoMasker(PeakClassifier(1, backbone="tiny"), ["a"], {"image_size": 64}, masker_opts)
+
+
+def _responses(image, points, maps):
+    from maskless.pseudo.instances import PeakResponses
+
+    maps = np.stack([m / m.sum() for m in maps])
+    peaks = [Peak(0, y, x, 1.0 - 0.1 * k) for k, (y, x) in enumerate(points)]
+    return PeakResponses(image, peaks, np.array(points), maps, np.zeros((1,) + maps.shape[1:]))
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_peaks_of_one_bar_make_one_instance_and_merge_responses_makes_its_mask():
+    """A bar lit by two peaks, one near each end, each response strongest at its end and fading along
+    the bar: grouped by response overlap, one instance covering the bar (from the summed responses);
+    without merging the responses, the group keeps its first peak's mask, part of the bar (GrabCut grows
+    it only within its margin); without grouping, two parts."""
+    yy, xx = np.mgrid[:64, :64]
+    bar = (yy >= 28) & (yy < 36) & (xx >= 4) & (xx < 60)
+    image = _shape_image([(bar, (220, 60, 40))])
+    ends = [(32, 10), (32, 53)]
+    maps = [np.where(bar, np.exp(-np.abs(xx - x) / 10.0) + 0.4, 0.0) for _, x in ends]
+    from maskless.pseudo.grouping import response_overlap
+    assert 0.6 < response_overlap(*maps) < 0.7
+    pr = _responses(image, ends, maps)
+    for refine in ("none", "grabcut"):
+        grouped = _masker(group_overlap=0.5, refine=refine).instances(pr, None)
+        assert len(grouped) == 1 and _iou(rle.decode(grouped[0]["mask"]).astype(bool), bar) > 0.85
+        assert grouped[0]["peak"] == [32, 10]  # the group's strongest peak
+        unmerged = _masker(group_overlap=0.5, refine=refine, merge_responses=False).instances(pr, None)
+        assert len(unmerged) == 1 and _iou(rle.decode(unmerged[0]["mask"]).astype(bool), bar) < 0.7
+        apart = _masker(group_overlap=None, refine=refine, nms_iou=0.5).instances(pr, None)
+        assert len(apart) == 2 and all(_iou(rle.decode(i["mask"]).astype(bool), bar) < 0.7 for i in apart)
+        assert _masker(group_overlap=0.7, refine=refine, nms_iou=0.5).instances(pr, None) == apart  # too little shared
+
+
+def test_touching_discs_with_a_peak_each_stay_two_instances():
+    yy, xx = np.mgrid[:64, :64]
+    left, right = np.hypot(yy - 32, xx - 20) < 11, np.hypot(yy - 32, xx - 42) < 11
+    image = _shape_image([(left, (220, 60, 40)), (right, (200, 70, 50))])
+    maps = [np.exp(-np.hypot(yy - 32, xx - x) ** 2 / 60.0) for x in (20, 42)]
+    found = _masker(group_overlap=0.5).instances(_responses(image, [(32, 20), (32, 42)], maps), None)
+    assert len(found) == 2
+    masks = [rle.decode(i["mask"]).astype(bool) for i in found]
+    assert _iou(masks[0], left) > 0.7 and _iou(masks[1], right) > 0.7
+
+
+def test_a_ring_keeps_its_hole():
+    yy, xx = np.mgrid[:64, :64]
+    d = np.hypot(yy - 32, xx - 32)
+    ring = (d >= 9) & (d < 20)
+    image = _shape_image([(ring, (220, 60, 40))])
+    response = np.where(ring, 1.0, 0.0) * (1 + 0.2 * np.cos(np.arctan2(yy - 32, xx - 32)))  # lit unevenly
+    for refine in ("none", "grabcut"):
+        (inst,) = _masker(refine=refine).instances(_responses(image, [(32, 46)], [response]), None)
+        m = rle.decode(inst["mask"]).astype(bool)
+        assert _iou(m, ring) > 0.75 and not m[28:37, 28:37].any()  # the hole is not in the mask
 
 
 @pytest.mark.parametrize("source", [SelectiveSearch(ks=(100,)), SuperpixelMerging(n_segments=60)])
@@ -438,6 +518,36 @@ def test_rerun_refuses_rewritten_input_and_another_unit_size(ray_local, world_sh
 
     assert main(args[:-1] + ["0"]) == 2                        # a unit size < 1
     assert "--unit-size and --forward-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_a_class_with_no_peak_is_named_by_the_stage_and_the_fidelity_report(ray_local, world_shards, classifier_file,
+                                                                           tmp_path, caplog):
+    """As when a crawl finds no image for a class: no train image is labelled triangle, yet triangles are there."""
+    import logging
+
+    samples = [s for s in shards.read_dataset(world_shards["train"])]
+    with_triangles = [s for s in samples if any(g["class"] == "triangle" for g in s.gt["instances"])]
+    chosen = (with_triangles[:3] + [s for s in samples if s not in with_triangles])[:6]
+    relabelled = [shards.Sample(s.key, s.jpg, {**s.meta, "labels": [l for l in s.labels if l != "triangle"]}, s.gt)
+                  for s in chosen]
+    data, out = str(tmp_path / "no-triangle"), str(tmp_path / "pseudo")
+    shards.write_shards(relabelled, data, "t", max_count=6)
+    shards.write_dataset_info(data, world_shards["classes"], stage="test")
+    with caplog.at_level(logging.WARNING, logger="maskless"):
+        summary = run_pseudo(PseudoConfig(classifier=classifier_file, data=data, out=out, actors=1))
+    assert summary["classes_without_peaks"] == ["triangle"]
+    assert summary["per_class"]["triangle"] == {"images_labelled": 0, "peaks": 0, "instances": 0}
+    labelled = {c: sum(c in s.labels for s in relabelled) for c in ("disc", "square")}
+    for c, n in labelled.items():
+        assert summary["per_class"][c]["images_labelled"] == n and summary["per_class"][c]["peaks"] >= n
+    assert sum(v["instances"] for v in summary["per_class"].values()) == summary["instances"]
+    assert any("no peak in any train image" in r.message and "triangle" in r.message for r in caplog.records)
+    assert shards.read_dataset_info(out)["classes_without_peaks"] == ["triangle"]
+
+    report = run_fidelity(FidelityConfig(data=out, out=str(tmp_path / "report"), grid_images=0))
+    assert "triangle" in report["classes_without_pseudo_instances"]
+    md = open(tmp_path / "report" / "fidelity.md").read()
+    assert "triangle: no pseudo instance at all" in md and "no peak in any image" in md
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):

@@ -46,6 +46,9 @@ def test_run_end_to_end_then_rerun_skips_everything(ray_local, tmp_path, capsys)
     stages = summary["stage_seconds"]
     assert set(stages) >= {"world", "import", "web", "crawl", "classify", "pseudo", "fidelity",
                            "train_weak", "eval_weak", "train_full", "eval_full"}
+    held_out = json.loads((run / "stages" / "classify.json").read_text())["result"]["held_out"]
+    assert held_out["samples"] == 3 and sum(held_out["class_counts"].values()) >= 3  # the run's val split
+    assert "too small" in held_out["warning"] and str(held_out["class_counts"]) in held_out["warning"]
     crawl = json.loads((run / "stages" / "crawl.json").read_text())["result"]
     assert crawl  # the crawl found the world's train images through the loopback engine
 

@@ -1,0 +1,438 @@
+"""Bench: the quality grid that decides the pseudo-mask defaults (issue #18).
+
+Grid: worlds (the demo's 3-class world, and the world with all 8 classes: bar, star, cross, moon,
+hexagon beside disc, square, triangle) x world seeds x pseudo-mask variants, each run with the demo
+recipe (examples/demo.yaml and its `maskless run` pipeline, maskless/run.py). Per cell:
+  - stage `pseudo`: the pseudo masks of the train images against their true masks, per class:
+    recall and precision at IoU 0.5 (and 0.75), ABO (same class), pseudo instances per true object;
+    computed in-process from the run's classifier, whose peak responses are cached per cell;
+  - stage `full`: the rest of the pipeline (pseudo stage, fidelity, Mask R-CNN on the pseudo masks and
+    on the true masks, both scored on the val split): weak and full mAP^r (voc) at 0.25/0.5/0.75.
+The stages before pseudo (world, import, web, crawl, classify) run once per (world, seed) into
+OUT/base/WORLD-sSEED and are shared by every variant (the `full` stage links them into the variant's
+run folder; the true-mask model is trained once per (world, seed) and linked too). Every result is a
+JSON file under OUT/results; a rerun skips what is there, so the grid can be run in parts:
+
+    .venv/bin/python -m bench.quality --out /tmp/quality --worlds 3,8 --seeds 0,1,2 --stages pseudo \\
+        --variants default,peak-per-object
+    .venv/bin/python -m bench.quality --out /tmp/quality --stages full --variants default
+
+Then the table: per variant and world, the mean and the range (min-max) over seeds of every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+
+from bench.common import write_result
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "examples", "demo.yaml")
+# world name -> run.world overrides and run.queries: the demo's own world, and all 8 classes (180 train
+# images, as issue #18 measured it; the crawl queries each class by its name)
+WORLDS = {
+    "w3": {"world": {"classes": 3}, "queries": None},
+    "w8": {"world": {"classes": 8, "images": 240}, "queries": {}},
+}
+# variant name -> pseudo-section overrides of the demo recipe ("default" is the recipe as it is)
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "iou-only": {"group_overlap": None},          # peaks grouped by mask IoU alone (NMS before GrabCut)
+    "overlap-0.3": {"group_overlap": 0.3},
+    "overlap-0.5": {"group_overlap": 0.5},
+    "overlap-0.7": {"group_overlap": 0.7},
+    "overlap-0.5-unmerged": {"group_overlap": 0.5, "merge_responses": False},
+    "input-256": {"input_size": 256},             # the classifier applied at twice its training size
+    "peak-0.15": {"peak_threshold": 0.15},
+    "explain-3": {"explain_rounds": 3},            # up to 3 more peaks per class where the class map is unexplained
+    "explain-3-0.3": {"explain_rounds": 3, "explain_threshold": 0.3},
+    "peak-0.5": {"peak_threshold": 0.5},
+}
+SHARED_STAGES = ("world", "import", "web", "crawl", "classify")
+FULL_STAGES = ("train_full", "eval_full")
+
+
+def demo_recipe() -> dict:
+    import yaml
+
+    with open(DEMO) as f:
+        return yaml.safe_load(f)
+
+
+def cell_recipe(world: str, seed: int, pseudo: dict | None = None) -> dict:
+    """The demo recipe for one world and seed, with the variant's pseudo section."""
+    recipe = copy.deepcopy(demo_recipe())
+    spec = WORLDS[world]
+    recipe["run"]["world"] = {**recipe["run"]["world"], **spec["world"], "seed": seed}
+    if spec["queries"] is not None:
+        recipe["run"]["queries"] = spec["queries"]
+    recipe["pseudo"] = {**recipe.get("pseudo", {}), **(pseudo or {})}
+    recipe["pseudo_eval"] = {**recipe.get("pseudo_eval", {}), "grid_images": 0}
+    return recipe
+
+
+def _write_yaml(recipe: dict, path: str) -> str:
+    import yaml
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(recipe, f)
+    return path
+
+
+def base_folder(out: str, world: str, seed: int) -> str:
+    """The stages every variant shares, run once: world, import, web, crawl, classify."""
+    from maskless.run import run_pipeline
+
+    base = os.path.join(out, "base", f"{world}-s{seed}")
+    if not os.path.exists(os.path.join(base, "stages", "classify.json")):
+        run_pipeline(_write_yaml(cell_recipe(world, seed), os.path.join(base, "recipe.yaml")), out=base,
+                     until="classify")
+    return base
+
+
+def _result_path(out: str, stage: str, variant: str, world: str, seed: int) -> str:
+    return os.path.join(out, "results", stage, variant, f"{world}-s{seed}.json")
+
+
+def _save(path: str, result: dict) -> None:
+    from maskless.core import storage
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.write_json_atomic(path, result)
+
+
+# ---------------------------------------------------------------- stage pseudo (in-process)
+
+def _masker(base: str, pseudo: dict):
+    from maskless import config
+    from maskless.pseudo.classifier import load_classifier
+    from maskless.pseudo.instances import PseudoMasker
+    from maskless.pseudo.stage import PseudoConfig
+
+    cfg = config.build(PseudoConfig, pseudo, {"classifier": os.path.join(base, "classifier"), "data": "-",
+                                              "out": "-/pseudo"})
+    model, classes, train_config = load_classifier(cfg.classifier)
+    return PseudoMasker(model, classes, train_config, cfg.masker_options()), cfg
+
+
+def _response_key(opts) -> str:
+    """The options the peaks and their responses depend on (the cache key)."""
+    key = (f"{opts.response}-{opts.classes_from}-{opts.class_threshold}-{opts.peak_threshold}-{opts.max_peaks}-"
+           f"{opts.input_size}")
+    if opts.explain_rounds:
+        r = opts.retrieval
+        key += f"-explain{opts.explain_rounds}-{opts.explain_threshold}-{r.response_blur}-{r.response_threshold}"
+    return key
+
+
+def cached_responses(base: str, masker) -> list:
+    """The peak responses of every train image under the masker's peak options, cached in the base folder."""
+    from maskless.core import shards
+
+    path = os.path.join(base, "bench-responses", _response_key(masker.opts) + ".pkl")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    items = []
+    for s in shards.read_dataset(os.path.join(base, "data", "train")):
+        items.append((s.key, s.gt, masker.responses(np.asarray(s.image()), s.labels)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(items, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(path + ".tmp", path)
+    return items
+
+
+def pseudo_cell(out: str, variant: str, world: str, seed: int) -> dict:
+    import torch
+
+    from maskless.pseudo.fidelity import FidelityAccumulator
+
+    path = _result_path(out, "pseudo", variant, world, seed)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    base = base_folder(out, world, seed)
+    torch.set_num_threads(2)
+    masker, _ = _masker(base, cell_recipe(world, seed, VARIANTS[variant])["pseudo"])
+    items = cached_responses(base, masker)
+    t0 = time.time()
+    accs = {iou: FidelityAccumulator(masker.classes, iou) for iou in (0.5, 0.75)}
+    for key, gt, pr in items:
+        instances = masker.instances(pr, None)
+        size = pr.image.shape[:2]
+        for acc in accs.values():
+            acc.add(gt, {"instances": instances}, size, key)
+    at = {iou: acc.result() for iou, acc in accs.items()}
+    r = at[0.5]
+    per_class = {c: {"gt": v["gt_instances"], "pseudo": v["pseudo_instances"], "recall": v["recall"],
+                     "precision": v["precision"], "abo": v["abo_same_class"],
+                     "recall75": at[0.75]["per_class"][c]["recall"],
+                     "per_object": v["pseudo_instances"] / v["gt_instances"] if v["gt_instances"] else None}
+                 for c, v in r["per_class"].items()}
+    result = {"variant": variant, "world": world, "seed": seed, "images": r["images"], "gt": r["gt_instances"],
+              "pseudo": r["pseudo_instances"], "abo": r["abo_same_class"], "precision": r["precision"],
+              "recall": r["recall"], "recall75": at[0.75]["recall"], "precision75": at[0.75]["precision"],
+              "miou": r["miou"], "per_object": r["pseudo_instances"] / r["gt_instances"],
+              "per_class": per_class, "masking_s": time.time() - t0, "pseudo_config": VARIANTS[variant]}
+    _save(path, result)
+    return result
+
+
+# ---------------------------------------------------------------- stage pairs (which peaks are one object)
+
+def _valley(class_map: np.ndarray, a: np.ndarray, b: np.ndarray, steps: int = 32) -> float:
+    """The class map's minimum on the segment between two peaks, over the lower of its two ends."""
+    t = np.linspace(0, 1, steps)
+    ys = np.round(a[0] + t * (b[0] - a[0])).astype(int)
+    xs = np.round(a[1] + t * (b[1] - a[1])).astype(int)
+    ends = min(class_map[tuple(a)], class_map[tuple(b)])
+    return float(class_map[ys, xs].min() / ends) if ends > 0 else 0.0
+
+
+def pairs_cell(out: str, world: str, seed: int) -> dict:
+    """For every two same-class peaks that both fall inside true instances of their class: the grouping
+    criteria (response overlap, IoU of their masks before GrabCut, class-map valley between them) and
+    whether the two instances are one. The table says how well each criterion tells them apart."""
+    from maskless.core import masks as rle
+    from maskless.pseudo.grouping import response_overlap
+    from maskless.pseudo.retrieval import response_mask, smooth
+
+    path = _result_path(out, "pairs", "default", world, seed)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    base = base_folder(out, world, seed)
+    masker, _ = _masker(base, cell_recipe(world, seed)["pseudo"])
+    opts = masker.opts.retrieval
+    rows = []
+    for key, gt, pr in cached_responses(base, masker):
+        truth = [(g["class"], rle.decode(g["mask"]).astype(bool)) for g in gt["instances"]]
+        inside = [next((k for k, (c, m) in enumerate(truth) if c == masker.classes[p.cls] and m[tuple(pt)]), None)
+                  for p, pt in zip(pr.peaks, pr.points)]
+        smoothed = [smooth(r, opts.response_blur) for r in pr.responses]
+        masks = [response_mask(r, (int(pt[0]), int(pt[1])), opts.response_blur, opts.response_threshold)
+                 for r, pt in zip(pr.responses, pr.points)]
+        for i in range(len(pr.peaks)):
+            for j in range(i + 1, len(pr.peaks)):
+                if pr.peaks[i].cls != pr.peaks[j].cls or inside[i] is None or inside[j] is None:
+                    continue
+                union = (masks[i] | masks[j]).sum()
+                rows.append({"class": masker.classes[pr.peaks[i].cls], "same": inside[i] == inside[j],
+                             "overlap": response_overlap(smoothed[i], smoothed[j]),
+                             "iou": float((masks[i] & masks[j]).sum() / union) if union else 0.0,
+                             "valley": _valley(pr.class_maps[pr.peaks[i].cls], pr.points[i], pr.points[j])})
+    result = {"world": world, "seed": seed, "pairs": rows}
+    _save(path, result)
+    return result
+
+
+def pairs_table(out: str, worlds: list[str], seeds: list[int]) -> str:
+    """Per criterion and threshold: the fraction of same-object pairs it joins and of different-object
+    pairs it joins (wrongly), over every finished cell."""
+    lines = ["| world | criterion | threshold | same-object pairs joined | different-object pairs joined |",
+             "|---|---|---|---|---|"]
+    for world in worlds:
+        rows = []
+        for seed in seeds:
+            p = _result_path(out, "pairs", "default", world, seed)
+            if os.path.exists(p):
+                with open(p) as f:
+                    rows += json.load(f)["pairs"]
+        same = [r for r in rows if r["same"]]
+        diff = [r for r in rows if not r["same"]]
+        if not rows:
+            continue
+        for crit, thresholds in (("overlap", (0.3, 0.4, 0.5, 0.6, 0.7)), ("iou", (0.3, 0.5)),
+                                 ("valley", (0.8, 0.9, 0.95))):
+            for t in thresholds:
+                j_same = np.mean([r[crit] >= t for r in same]) if same else float("nan")
+                j_diff = np.mean([r[crit] >= t for r in diff]) if diff else float("nan")
+                lines.append(f"| {world} ({len(same)} same, {len(diff)} different) | {crit} | {t} | "
+                             f"{j_same:.2f} | {j_diff:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- stage full (the pipeline)
+
+def _link_stages(base: str, run: str, stages: tuple[str, ...], paths: tuple[str, ...]) -> None:
+    for rel in paths:
+        src, dst = os.path.join(base, rel), os.path.join(run, rel)
+        if os.path.exists(src) and not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(src, dst)
+    os.makedirs(os.path.join(run, "stages"), exist_ok=True)
+    for name in stages:
+        src, dst = os.path.join(base, "stages", f"{name}.json"), os.path.join(run, "stages", f"{name}.json")
+        if os.path.exists(src) and not os.path.exists(dst):
+            with open(src) as f, open(dst, "w") as g:
+                g.write(f.read())
+
+
+def full_cell(out: str, variant: str, world: str, seed: int) -> dict:
+    """The pipeline after classify for one variant: pseudo, fidelity, train/eval weak; the full model is
+    trained once per (world, seed), in the first variant's run folder, and linked into the others."""
+    from maskless.run import run_pipeline
+
+    path = _result_path(out, "full", variant, world, seed)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    base = base_folder(out, world, seed)
+    run = os.path.join(out, "runs", variant, f"{world}-s{seed}")
+    shared = ("world", os.path.join("data", "train"), os.path.join("data", "val"), "web",
+              os.path.join("data", "crawl"), "classifier")
+    _link_stages(base, run, SHARED_STAGES, shared)
+    full_home = os.path.join(base, "full")  # where the true-mask model of this (world, seed) lives
+    if os.path.exists(os.path.join(full_home, "stages", "eval_full.json")):
+        _link_stages(full_home, run, FULL_STAGES, (os.path.join("models", "full"), os.path.join("reports", "full")))
+    recipe = _write_yaml(cell_recipe(world, seed, VARIANTS[variant]), os.path.join(run, "recipe.yaml"))
+    t0 = time.time()
+    summary = run_pipeline(recipe, out=run)
+    if not os.path.exists(os.path.join(full_home, "stages", "eval_full.json")):
+        _link_stages(run, full_home, FULL_STAGES, (os.path.join("models", "full"), os.path.join("reports", "full")))
+    res = summary["results"]
+    result = {"variant": variant, "world": world, "seed": seed, "seconds": time.time() - t0,
+              "stage_seconds": summary["stage_seconds"],
+              "weak": res["eval_weak"]["mAP"]["voc"], "full": res["eval_full"]["mAP"]["voc"],
+              "fidelity": {k: res["fidelity"][k] for k in ("abo_same_class", "precision", "recall", "miou")},
+              "fidelity_per_class": {c: {k: v[k] for k in ("gt_instances", "pseudo_instances", "recall", "precision",
+                                                           "abo_same_class")}
+                                     for c, v in res["fidelity"]["per_class"].items()},
+              "pseudo_config": VARIANTS[variant], "load_average": os.getloadavg()}
+    _save(path, result)
+    return result
+
+
+# ---------------------------------------------------------------- the table
+
+def _stats(values: list) -> tuple[float, float, float] | None:
+    v = [x for x in values if x is not None]
+    return (float(np.mean(v)), float(min(v)), float(max(v))) if v else None
+
+
+def _fmt(st: tuple | None, pct: bool = False) -> str:
+    if st is None:
+        return "-"
+    k = 100 if pct else 1
+    f = "{:.1f}" if pct else "{:.2f}"
+    return f"{f.format(k * st[0])} ({f.format(k * st[1])}-{f.format(k * st[2])})"
+
+
+def tables(out: str, variants: list[str], worlds: list[str], seeds: list[int]) -> tuple[str, dict]:
+    """Markdown tables of every finished cell: mean (min-max) over the seeds found."""
+    lines, summary = [], {}
+    for stage in ("pseudo", "full"):
+        for variant in variants:
+            for world in worlds:
+                cells = []
+                for seed in seeds:
+                    p = _result_path(out, stage, variant, world, seed)
+                    if os.path.exists(p):
+                        with open(p) as f:
+                            cells.append(json.load(f))
+                if not cells:
+                    continue
+                found = [c["seed"] for c in cells]
+                head = f"### {stage}: variant `{variant}`, world {world}, seeds {found} (mean (min-max))"
+                lines += [head, ""]
+                key = f"{stage}/{variant}/{world}"
+                if stage == "pseudo":
+                    summary[key] = _pseudo_table(cells, lines)
+                else:
+                    summary[key] = _full_table(cells, lines)
+                lines.append("")
+    return "\n".join(lines), summary
+
+
+def _pseudo_table(cells: list[dict], lines: list[str]) -> dict:
+    lines += ["| class | objects | recall@0.5 | precision@0.5 | ABO | instances per object | recall@0.75 |",
+              "|---|---|---|---|---|---|---|"]
+    out = {}
+    for c in cells[0]["per_class"]:
+        row = {k: _stats([cell["per_class"][c][k] for cell in cells])
+               for k in ("recall", "precision", "abo", "per_object", "recall75")}
+        gt = sum(cell["per_class"][c]["gt"] for cell in cells)
+        lines.append(f"| {c} | {gt} | {_fmt(row['recall'])} | {_fmt(row['precision'])} | {_fmt(row['abo'])} | "
+                     f"{_fmt(row['per_object'])} | {_fmt(row['recall75'])} |")
+        out[c] = row
+    row = {k: _stats([cell[k] for cell in cells]) for k in ("recall", "precision", "abo", "per_object", "recall75")}
+    lines.append(f"| **all** | {sum(c['gt'] for c in cells)} | {_fmt(row['recall'])} | {_fmt(row['precision'])} | "
+                 f"{_fmt(row['abo'])} | {_fmt(row['per_object'])} | {_fmt(row['recall75'])} |")
+    out["all"] = row
+    return out
+
+
+def _full_table(cells: list[dict], lines: list[str]) -> dict:
+    lines += ["| figure | @0.25 | @0.5 | @0.75 |", "|---|---|---|---|"]
+    out = {}
+    for name in ("weak", "full", "weak/full"):
+        row = {}
+        for t in ("0.25", "0.5", "0.75"):
+            if name == "weak/full":
+                vals = [c["weak"][t] / c["full"][t] if c["weak"][t] is not None and c["full"][t] else None
+                        for c in cells]
+            else:
+                vals = [c[name][t] for c in cells]
+            row[t] = _stats(vals)
+        lines.append(f"| {name} | " + " | ".join(_fmt(row[t], pct=True) for t in ("0.25", "0.5", "0.75")) + " |")
+        out[name] = row
+    per_seed = ", ".join(f"s{c['seed']}: {100 * c['weak']['0.5'] / c['full']['0.5']:.0f}%" for c in cells
+                         if c["weak"]["0.5"] is not None and c["full"]["0.5"])
+    lines.append(f"\nweak/full @0.5 per seed: {per_seed}; pipeline seconds per cell: "
+                 + ", ".join(f"s{c['seed']}: {c['seconds']:.0f}" for c in cells))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="/tmp/bench-quality", help="grid folder (resumable: finished cells are kept)")
+    ap.add_argument("--worlds", default="w3,w8", help=f"comma-separated, of {', '.join(WORLDS)}")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated world seeds")
+    ap.add_argument("--stages", default="pseudo", help="pseudo (in-process fidelity), pairs (grouping criteria) "
+                                                       "and/or full (Mask R-CNN)")
+    ap.add_argument("--variants", default="default", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--json", default=None, help="write the result here (default OUT/bench.json)")
+    args = ap.parse_args()
+    worlds, seeds = args.worlds.split(","), [int(s) for s in args.seeds.split(",")]
+    variants, stages = args.variants.split(","), args.stages.split(",")
+    for name, known in ((worlds, WORLDS), (variants, VARIANTS), (stages, ("pseudo", "pairs", "full"))):
+        unknown = set(name) - set(known)
+        if unknown:
+            sys.exit(f"bench.quality: unknown {', '.join(sorted(unknown))}; known: {', '.join(known)}")
+    for stage in stages:
+        for world in worlds:
+            for seed in seeds:
+                for variant in (variants if stage != "pairs" else ["default"]):
+                    t0 = time.time()
+                    if stage == "pairs":
+                        pairs_cell(args.out, world, seed)
+                    else:
+                        (pseudo_cell if stage == "pseudo" else full_cell)(args.out, variant, world, seed)
+                    print(f"[bench.quality] {stage} {variant} {world} seed {seed}: {time.time() - t0:.0f} s "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    text, summary = tables(args.out, variants, worlds, seeds)
+    if "pairs" in stages:
+        text += "\n\n### which peaks are one object (same-class peak pairs inside true instances)\n\n"
+        text += pairs_table(args.out, worlds, seeds)
+    print(text)
+    rows = []
+    for key, table in summary.items():
+        if key.startswith("pseudo/"):
+            rows.append({"metric": f"{key} recall@0.5 (mean over seeds)", "value": table["all"]["recall"][0], "unit": ""})
+        else:
+            rows.append({"metric": f"{key} weak/full mAP^r@0.5 (mean over seeds)",
+                         "value": table["weak/full"]["0.5"][0], "unit": ""})
+    write_result("quality", rows, args.json or os.path.join(args.out, "bench.json"), tables=text, summary=summary)
+
+
+if __name__ == "__main__":
+    main()
