@@ -5,6 +5,9 @@ model.pt and summary.json. A rerun with the same RUN continues from the latest c
 restores its run from the same name and storage path), so a crashed driver loses at most the steps
 since the last checkpoint; a lost worker restarts the worker group from it (FailureConfig). Ctrl-C /
 SIGTERM on the driver, or a file RUN/STOP, makes every worker checkpoint at the next log point and stop.
+When Ray drains a node of the run for preemption (an autoscaler reclaiming a spot node), the workers
+checkpoint at the next log point and Ray Train restarts them elsewhere from it at the drain's deadline; Ray
+Train's preemption watcher, which tells them, runs on a cluster (core/resources.py).
 """
 from __future__ import annotations
 
