@@ -29,7 +29,7 @@ from maskless.core.run_folder import (RUN_FILE, STATE_FILE, SUMMARY_FILE, append
                                      ray_run_config, read_metrics)
 from maskless.core.resources import check_resources, has_gpus, train_scaling, use_ray_train_env
 from maskless.pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
-                               checkpoint_dict, save_classifier)
+                               checkpoint_dict, imagenet_file, save_classifier)
 from maskless.pseudo.peak_stimulation import BACKWARD_MODES
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class ClassifyConfig:
     backbone: str = field(default="resnet50", metadata={"help": "backbone network", "choices": list(BACKBONES)})
     backbone_weights: str = field(default="imagenet", metadata={
         "help": "'imagenet' (torchvision weights, torch hub cache), a weights file, or 'none' (from scratch)"})
+    download_weights: bool = field(default=False, metadata={
+        "help": "let torchvision download 'imagenet' weights missing from the torch hub cache"})
     epochs: int = field(default=20, metadata={"help": "training epochs"})
     steps_per_epoch: Optional[int] = field(default=None, metadata={
         "help": "optimizer steps per epoch (default: one pass over the training split)"})
@@ -296,7 +298,8 @@ def train_loop(lc: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(lc["seed"])  # same initial weights everywhere (DDP also broadcasts rank 0's)
     classes = lc["classes"]
-    model = build_classifier(len(classes), lc["backbone"], lc["backbone_weights"], lc["peak_backward"])
+    model = build_classifier(len(classes), lc["backbone"], lc["backbone_weights"], lc["peak_backward"],
+                             lc["download_weights"])
     state, start_epoch = None, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -388,7 +391,9 @@ def run_classify(cfg: ClassifyConfig) -> dict:
         raise ValueError(f"{cfg.data} has no labelled training samples (after holding out {cfg.val_fraction})")
     if val_counts["samples"] == 0:
         log.warning("classify: the held-out split is empty; no mAP will be measured")
-    if cfg.backbone_weights.lower() not in ("imagenet", "none") and not storage.exists(cfg.backbone_weights):
+    if cfg.backbone_weights.lower() == "imagenet":
+        imagenet_file(cfg.backbone, cfg.download_weights)  # missing weights fail (or download) here first
+    elif cfg.backbone_weights.lower() != "none" and not storage.exists(cfg.backbone_weights):
         raise FileNotFoundError(f"backbone weights file {cfg.backbone_weights} does not exist: pass an existing "
                                 f"file, 'imagenet', or 'none' to train from scratch")
     storage.makedirs(cfg.out)
