@@ -98,7 +98,7 @@ class ClassifyConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.image_size % 32:
-            raise ValueError(f"--image-size must be a multiple of 32 (the backbone stride), got {self.image_size}")
+            raise ValueError(f"--image-size must be a multiple of 32 (the ResNet backbones' stride), got {self.image_size}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
         if not 0.0 < self.crop_scale <= 1.0:
@@ -279,13 +279,30 @@ def evaluate(model: PeakClassifier, loader, classes: list[str], device) -> dict[
     return out
 
 
-def _optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
+def build_optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
+    """SGD over the head at lc["lr"] and the backbone at lr x backbone_lr_scale (lc: a ClassifyConfig as a dict)."""
     scale = lc["backbone_lr_scale"]
     if scale is None:
         scale = 0.01 if model.frozen_bn else 1.0
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lc["lr"] * scale},
               {"params": list(model.head.parameters()), "lr": lc["lr"]}]
     return torch.optim.SGD(groups, lr=lc["lr"], momentum=lc["momentum"], weight_decay=lc["weight_decay"])
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, steps: int,
+                device: torch.device) -> torch.Tensor:
+    """`steps` optimizer steps on the next (images, labels) batches: a worker's epoch. No Ray here, so a
+    test trains the same way in its own process. Returns [sum of loss x images, images]."""
+    model.train()
+    loss_sum = torch.zeros(2, device=device)
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = F.multilabel_soft_margin_loss(model(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=device)])
+    return loss_sum
 
 
 def train_loop(lc: dict) -> None:
@@ -313,7 +330,7 @@ def train_loop(lc: dict) -> None:
     device = ray.train.torch.get_device()
     ddp = ray.train.torch.prepare_model(model)
     net: PeakClassifier = getattr(ddp, "module", ddp)
-    optimizer = _optimizer(net, lc)
+    optimizer = build_optimizer(net, lc)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     steps = lc["steps_per_epoch"] or max(1, math.ceil(lc["train_samples"] / (lc["batch_size"] * world)))
@@ -336,16 +353,8 @@ def train_loop(lc: dict) -> None:
                              seed=lc["seed"] * 100003 + epoch, rank=rank, world=world,
                              weights=lc["class_counts"] if lc["balanced"] else None)
         loader = DataLoader(stream, batch_size=lc["batch_size"], num_workers=lc["loader_workers"])
-        ddp.train()
         batches = iter(loader)
-        loss_sum = torch.zeros(2, device=device)
-        for _ in range(steps):
-            x, y = next(batches)
-            loss = F.multilabel_soft_margin_loss(ddp(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=device)])
+        loss_sum = train_steps(ddp, optimizer, batches, steps, device)
         del batches, loader
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(loss_sum)
