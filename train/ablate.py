@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 KINDS = {"clean": None, "erode": int, "dilate": int, "drop": float, "merge": int, "shift": int}
 DEFAULT_LEVELS = ["clean", "erode:2", "dilate:2", "drop:0.3", "merge:3", "shift:3"]
 # Every level trains with exactly these settings: the demo's Mask R-CNN recipe (examples/demo.yaml), small
-# enough for a CPU run on the default world, which is the demo's world, so the `clean` level is the demo's
-# fully supervised model. From scratch it needs the gradient clipping (docs/TRAIN.md).
+# enough for a CPU run on the default world, which is the demo's world, so the `clean` level trains the
+# demo's fully supervised configuration. From scratch it needs the gradient clipping (docs/TRAIN.md).
 DEFAULT_TRAIN = {"arch": "resnet18_fpn", "weights": "none", "min_size": 128, "max_size": 128,
                  "anchor_sizes": [16, 32, 64, 128, 256], "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
                  "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 64,
