@@ -12,17 +12,28 @@ from __future__ import annotations
 CRAWL = "crawl"          # tag of the CPU worker type: crawl tasks
 GPU_STAGE = "gpu_stage"  # tag of the GPU worker type: pseudo-mask actors, classifier and Mask R-CNN workers
 ROUTE_SHARE = 0.001      # share of a tag one task asks for: at most 1,000 per node, CPUs/GPUs bind first
-# Lower Ray Train's fixed cost per fit (measured on the 2-core machine: ~16 s -> ~12.5 s). Ray Train reads
-# them from the driver's environment and forwards them to its controller and workers.
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray Train's health check polls the workers every 0.25 s instead of its default: a fit notices its workers'
+# start and end sooner (bench/ray_train.py measures each setting's fixed cost per fit). Ray Train reads these
+# from the driver's environment at each fit and forwards them to its controller and workers.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Ray Train's preemption watcher: a 0-CPU actor per worker group that polls Ray for nodes being drained (an
+# autoscaler reclaiming a spot node), so that `ray.train.get_preemption_info()` tells the workers to checkpoint.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
-def use_ray_train_env() -> None:
-    """Put RAY_TRAIN_ENV into this (the driver's) environment, where the user has not set them."""
+def use_ray_train_env(local_ray: bool = False) -> None:
+    """Put RAY_TRAIN_ENV into this (the driver's) environment, where the user has not set them.
+
+    local_ray: this process has just started Ray on its own machine (maskless.ray_runtime.init_ray).
+    No autoscaler drains the node of such a Ray, so the preemption watcher would watch for nothing and
+    only cost its actor's start at every fit: it is turned off there, unless the user set it. A driver
+    that joins a cluster keeps Ray Train's default (the watcher on), so a node's preemption is seen."""
     import os
 
     for key, value in RAY_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
+    if local_ray:
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
 def cluster_resources() -> dict[str, float]:

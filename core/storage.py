@@ -83,13 +83,6 @@ def temp_name(uri: str) -> str:
     return join(head, f".{tail}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def commit(tmp_uri: str, final_uri: str) -> None:
-    """Move a finished temporary file onto its final name (atomic on a local disk)."""
-    fs, tmp = resolve(tmp_uri)
-    _, final = resolve(final_uri)
-    fs.move(tmp, final)
-
-
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     fs.create_dir(posixpath.dirname(path) if not is_local(fs) else os.path.dirname(path), recursive=True)

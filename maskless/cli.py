@@ -63,12 +63,7 @@ class UsageError(Exception):
 
 
 def _load_stage(cmd: StageCommand):
-    try:
-        module = importlib.import_module(cmd.module)
-    except ModuleNotFoundError as e:
-        if e.name == cmd.module:
-            raise UsageError(f"'maskless {cmd.name}' is not built yet ({cmd.module} is missing)") from None
-        raise
+    module = importlib.import_module(cmd.module)
     return getattr(module, cmd.config_class), getattr(module, cmd.run)
 
 

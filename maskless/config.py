@@ -127,7 +127,3 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of stage -> options")
     return data
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)

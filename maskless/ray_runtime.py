@@ -42,7 +42,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
     machine an actor pool of two 1-CPU actors would otherwise take every CPU slot and starve Ray
     Data's read tasks, and the job hangs (measured, see docs/ARCHITECTURE.md). Its dashboard starts
     only with `dashboard` (Ray still starts a head process without frontend and a per-node agent,
-    which ray.init cannot turn off); usage statistics are not sent (RAY_USAGE_STATS_ENABLED=0)."""
+    which ray.init cannot turn off); usage statistics are not sent (RAY_USAGE_STATS_ENABLED=0). A
+    local Ray also runs Ray Train without its preemption watcher: nothing preempts the node of a Ray
+    started here (core/resources.py); a cluster keeps it."""
     import ray
 
     use_ray_train_env()
@@ -57,6 +59,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, verbose: b
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=verbose, logging_level=level)
         return
+    use_ray_train_env(local_ray=True)
     cpus = num_cpus or max(4, 2 * (os.cpu_count() or 1))
     kwargs = {"_temp_dir": temp_dir} if temp_dir else {}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -13,7 +13,9 @@ finished; a rerun skips recorded stages, and each stage itself skips its finishe
   train_weak     Mask R-CNN on the pseudo masks            (weak supervision: the method)
   train_full     the same Mask R-CNN on the true masks     (full supervision: the upper bound)
   eval_weak / eval_full   both scored on the val split
-  report     one side-by-side report
+
+After the stages (not a stage: it is rewritten by every run, from the recorded results) comes one
+side-by-side report, OUT/reports/report.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,13 @@
 """The stage-one classifier: a fully convolutional network whose class scores come from peaks.
 
-backbone (stride 32) -> 1x1 conv class-response head (with bias) -> bilinear upsampling x8
-(align_corners=True) -> peak stimulation -> class scores, as in PRM/WISE. The class response
+backbone (stride 32 for the ResNets, 8 for `tiny`) -> 1x1 conv class-response head (with bias) -> bilinear
+upsampling x8 (align_corners=True) -> peak stimulation -> class scores, as in PRM/WISE. The class response
 maps stay differentiable so the pseudo stage can back-propagate from a peak to the input.
 """
 from __future__ import annotations
 
 import io
 import logging
-import os
-import urllib.error
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
@@ -22,6 +20,7 @@ from torchvision.models import WeightsEnum
 from torchvision.ops import FrozenBatchNorm2d
 
 from maskless.core import storage
+from maskless.core.weights import torchvision_file
 from maskless.pseudo.peak_stimulation import BACKWARD_MODES, peak_stimulation
 
 log = logging.getLogger(__name__)
@@ -79,26 +78,16 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
-def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights for a backbone, from the torch hub cache or downloaded into it.
-
-    Raises FileNotFoundError (never falls back to random weights) when neither works.
-    """
+def imagenet_file(backbone: str, download: bool = False) -> str:
+    """The file of torchvision's ImageNet weights for a backbone, under core/weights.py's policy (the
+    torch hub cache; downloaded only when `download` is set)."""
     weights = BACKBONES[backbone].imagenet if backbone in BACKBONES else None
     if weights is None:
         raise ValueError(f"backbone {backbone!r} has no ImageNet weights; use backbone_weights='none' "
                          f"or a file, or one of {sorted(n for n, b in BACKBONES.items() if b.imagenet)}")
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        return weights.get_state_dict(progress=False, check_hash=False)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        if os.path.exists(cached):
-            raise ValueError(f"cached ImageNet weights {cached} cannot be read ({e}): delete the file "
-                             f"and download it again, or pass backbone_weights=PATH") from e
-        raise FileNotFoundError(
-            f"ImageNet weights for {backbone} are not in the torch cache ({cached}) and could not be "
-            f"downloaded from {weights.url} ({e}). Put the file there, pass backbone_weights=PATH "
-            f"(--backbone-weights PATH), or backbone_weights='none' to train from scratch") from e
+    return torchvision_file(weights, f"ImageNet weights for {backbone}", download,
+                            "--backbone-weights PATH to a file you have, or --backbone-weights none to train "
+                            "from scratch")
 
 
 def load_backbone_file(path: str) -> dict[str, torch.Tensor]:
@@ -150,7 +139,8 @@ class PeakClassifier(nn.Module):
                              f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}")
 
     def class_response_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Class response maps [B, C, h, w] (h = H / 32 * 8), differentiable with respect to x."""
+        """Class response maps [B, C, h, w] (h = 8 H / stride: H / 4 for the ResNets, H for `tiny`),
+        differentiable with respect to x."""
         crm = self.head(self.backbone(x))
         return F.interpolate(crm, scale_factor=self.upsample, mode="bilinear", align_corners=True)
 
@@ -179,12 +169,13 @@ class PeakClassifier(nn.Module):
 
 
 def build_classifier(num_classes: int, backbone: str = "resnet50", backbone_weights: str = "imagenet",
-                     peak_backward: str = "prm") -> PeakClassifier:
-    """A PeakClassifier with its starting weights: 'imagenet' (torchvision, cached or downloaded),
-    a file path, or 'none' (from scratch, plain BatchNorm)."""
+                     peak_backward: str = "prm", download_weights: bool = False) -> PeakClassifier:
+    """A PeakClassifier with its starting weights: 'imagenet' (torchvision's, from the torch hub cache;
+    downloaded only with download_weights), a file path, or 'none' (from scratch, plain BatchNorm)."""
     pretrained = backbone_weights.lower() != "none"
     if pretrained and backbone_weights.lower() == "imagenet":
-        state, source = imagenet_state_dict(backbone), f"ImageNet weights of {backbone}"
+        path = imagenet_file(backbone, download_weights)
+        state, source = load_backbone_file(path), f"ImageNet weights of {backbone} ({path})"
     elif pretrained:
         state, source = load_backbone_file(backbone_weights), backbone_weights
     model = PeakClassifier(num_classes, backbone, frozen_bn=pretrained, peak_backward=peak_backward)

@@ -31,7 +31,7 @@ from maskless.core.run_folder import (RUN_FILE, STATE_FILE, SUMMARY_FILE, append
                                      ray_run_config, read_metrics)
 from maskless.core.resources import check_resources, has_gpus, train_scaling, use_ray_train_env
 from maskless.pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
-                               checkpoint_dict, save_classifier)
+                               checkpoint_dict, imagenet_file, save_classifier)
 from maskless.pseudo.peak_stimulation import BACKWARD_MODES
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class ClassifyConfig:
     backbone: str = field(default="resnet50", metadata={"help": "backbone network", "choices": list(BACKBONES)})
     backbone_weights: str = field(default="imagenet", metadata={
         "help": "'imagenet' (torchvision weights, torch hub cache), a weights file, or 'none' (from scratch)"})
+    download_weights: bool = field(default=False, metadata={
+        "help": "let torchvision download 'imagenet' weights missing from the torch hub cache"})
     epochs: int = field(default=20, metadata={"help": "training epochs"})
     steps_per_epoch: Optional[int] = field(default=None, metadata={
         "help": "optimizer steps per epoch (default: one pass over the training split)"})
@@ -105,7 +107,7 @@ class ClassifyConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.image_size % 32:
-            raise ValueError(f"--image-size must be a multiple of 32 (the backbone stride), got {self.image_size}")
+            raise ValueError(f"--image-size must be a multiple of 32 (the ResNet backbones' stride), got {self.image_size}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
         if not 0.0 < self.crop_scale <= 1.0:
@@ -346,7 +348,7 @@ def evaluate(model: PeakClassifier, loader, classes: list[str], device) -> dict[
 
 
 def build_optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
-    """SGD with the backbone at lr x backbone_lr_scale and the head at lr (lc: a ClassifyConfig as a dict)."""
+    """SGD over the head at lc["lr"] and the backbone at lr x backbone_lr_scale (lc: a ClassifyConfig as a dict)."""
     scale = lc["backbone_lr_scale"]
     if scale is None:
         scale = 0.01 if model.frozen_bn else 1.0
@@ -373,6 +375,19 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach()
 
 
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, steps: int,
+                device: torch.device) -> torch.Tensor:
+    """`steps` train_step calls on the next (images, labels) batches: a worker's epoch. No Ray here, so a
+    test trains the same way in its own process. Returns [sum of loss x images, images]."""
+    model.train()
+    loss_sum = torch.zeros(2, device=device)
+    for _ in range(steps):
+        x, y = next(batches)
+        loss = train_step(model, optimizer, x.to(device), y.to(device))
+        loss_sum += torch.stack([loss * len(x), torch.tensor(float(len(x)), device=device)])
+    return loss_sum
+
+
 def train_loop(lc: dict) -> None:
     """Ray Train worker loop (one per worker)."""
     import ray.train
@@ -383,7 +398,8 @@ def train_loop(lc: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(lc["seed"])  # same initial weights everywhere (DDP also broadcasts rank 0's)
     classes = lc["classes"]
-    model = build_classifier(len(classes), lc["backbone"], lc["backbone_weights"], lc["peak_backward"])
+    model = build_classifier(len(classes), lc["backbone"], lc["backbone_weights"], lc["peak_backward"],
+                             lc["download_weights"])
     state, start_epoch = None, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -422,13 +438,8 @@ def train_loop(lc: dict) -> None:
                              seed=lc["seed"] * 100003 + epoch, rank=rank, world=world,
                              weights=lc["class_counts"] if lc["balanced"] else None, units=units)
         loader = DataLoader(stream, batch_size=lc["batch_size"], num_workers=lc["loader_workers"])
-        ddp.train()
         batches = iter(loader)
-        loss_sum = torch.zeros(2, device=device)
-        for _ in range(steps):
-            x, y = next(batches)
-            loss = train_step(ddp, optimizer, x.to(device), y.to(device))
-            loss_sum += torch.stack([loss * len(x), torch.tensor(float(len(x)), device=device)])
+        loss_sum = train_steps(ddp, optimizer, batches, steps, device)
         del batches, loader
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(loss_sum)
@@ -491,7 +502,9 @@ def run_classify(cfg: ClassifyConfig) -> dict:
         log.warning("classify: %s", val_counts["warning"])
     log.info("classify: %d training and %d held-out images (held out per class: %s)", train_counts["samples"],
              val_counts["samples"], val_counts["class_counts"])
-    if cfg.backbone_weights.lower() not in ("imagenet", "none") and not storage.exists(cfg.backbone_weights):
+    if cfg.backbone_weights.lower() == "imagenet":
+        imagenet_file(cfg.backbone, cfg.download_weights)  # missing weights fail (or download) here first
+    elif cfg.backbone_weights.lower() != "none" and not storage.exists(cfg.backbone_weights):
         raise FileNotFoundError(f"backbone weights file {cfg.backbone_weights} does not exist: pass an existing "
                                 f"file, 'imagenet', or 'none' to train from scratch")
     storage.makedirs(cfg.out)

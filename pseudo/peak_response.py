@@ -1,6 +1,6 @@
 """Peak response maps: which input pixels made a class-response peak fire.
 
-Two backward rules (NOTES-method.md), chosen by `rule`:
+Two backward rules (WISE's and PRM's code, docs/REFERENCES.md), chosen by `rule`:
   - "gradient" (WISE's code): plain gradient of the class response at the peak w.r.t. the input;
   - "prm" (PRM's peak backpropagation): every Conv2d keeps its forward values but back-propagates
     as a probabilistic Winner-Take-All over positive weights and shifted inputs:

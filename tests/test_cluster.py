@@ -13,6 +13,7 @@ it: maskless and conftest always pass address="local" (or RAY_ADDRESS).
 """
 from __future__ import annotations
 
+import glob
 import io
 import os
 import threading
@@ -228,16 +229,22 @@ def s3():
 def cluster(s3, tmp_path_factory):
     import ray
 
+    from maskless.ray_runtime import init_ray
+
     restore = ray.is_initialized()  # an earlier module's session `ray_local` is up: make way
     if restore:
         ray.shutdown()
+    # joined as the CLI joins a cluster (RAY_ADDRESS): without the setting a local Ray made here
+    watcher = os.environ.pop(resources.PREEMPTION_WATCHER_ENV, None)
     c = Cluster3()
-    ray.init(address=c.cluster.address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    init_ray(address=c.cluster.address)
     try:
         yield c
     finally:
         ray.shutdown()
         c.cluster.shutdown()
+        if watcher is not None:
+            os.environ[resources.PREEMPTION_WATCHER_ENV] = watcher
         if restore:  # the same settings as conftest's ray_local, for the modules after this one
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR", _temp_dir=str(tmp_path_factory.mktemp("ray")), configure_logging=False)
@@ -565,3 +572,60 @@ def test_coco_import_reads_and_writes_s3(s3, tmp_path):
     got = {s.meta["source_id"]: s for s in shards.read_dataset(f"{s3}/coco/shards")}
     assert result["images"] == 2 and got[2].labels == ["thing"] and len(got[2].gt["instances"]) == 1
     assert got[1].jpg == storage.read_bytes(f"{images}/a.jpg")
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.1)
+
+
+def test_train_checkpoints_when_its_node_is_preempted_and_resumes_from_there(cluster, world_shards, tmp_path,
+                                                                               monkeypatch):
+    """A spot node reclaimed mid-training, the way an autoscaler does it: Ray drains the node with a
+    deadline (reason: preemption) and a replacement node joins. Ray Train's preemption watcher (kept on
+    when maskless joins a cluster) tells the workers; they checkpoint at their next log point, keep
+    training until the deadline, and are then restarted on the new node from that checkpoint's step
+    (a preemption, not a failure: --max-failures 0 allows no other restart)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from maskless.core.run_folder import STATE_FILE, read_metrics
+    from maskless.train.trainer import STOP_FILE, TrainConfig, run_train
+
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # Ray's default polls every 5 s
+    cluster.ensure_workers(2)
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(data=world_shards["train"], masks="gt", out=out, arch="resnet18_fpn", weights="none",
+                      min_size=64, max_size=64, anchor_sizes=[16, 32, 64, 128, 256], rpn_pre_nms_top_n_train=100,
+                      rpn_post_nms_top_n_train=50, box_batch_size_per_image=32, batch_size=1, epochs=20,
+                      lr=0.01, warmup_iters=5, clip_grad_norm=5.0, log_every=1, keep_checkpoints=20,
+                      loader_workers=0, max_failures=0)
+    spe = 18  # 18 train images, 1 a step, 1 worker
+    join = in_background(run_train, cfg)
+    doomed = cluster.workers()
+    try:
+        wait_for(lambda: any(m["step"] >= 2 for m in read_metrics(out)), 180, "training's second step")
+        cluster.cluster.add_node(num_cpus=WORKER_CPUS)  # the autoscaler's replacement
+        deadline = time.time() + 12
+        gcs = ray._raylet.GcsClient(address=cluster.cluster.address)
+        for node in doomed:  # the training worker is on one of them
+            accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value(
+                "DRAIN_NODE_REASON_PREEMPTION"), "spot instance reclaimed", int(deadline * 1000))
+            assert accepted, why
+        wait_for(lambda: any(m["time"] > deadline for m in read_metrics(out)), 180, "a step after the deadline")
+        storage.write_bytes_atomic(storage.join(out, STOP_FILE), b"stop\n")
+        summary = join(180)
+    finally:
+        for node in doomed:
+            cluster.cluster.remove_node(node)
+    import torch
+
+    steps = sorted(torch.load(path, weights_only=True)["step"]
+                   for path in glob.glob(os.path.join(out, "ray", "checkpoint_*", STATE_FILE)))
+    preempted = steps[0]  # the first checkpoint: no epoch had ended, and the stop came after the deadline
+    assert 2 <= preempted < spe and summary["status"] == "interrupted" and summary["step"] > preempted
+    history = read_metrics(out)
+    assert [m["step"] for m in history] == list(range(1, summary["step"] + 1))
+    # steps up to the checkpoint are the first workers', every later one was (re)done after the deadline
+    assert all(m["time"] < deadline for m in history if m["step"] <= preempted)
+    assert all(m["time"] > deadline for m in history if m["step"] > preempted)

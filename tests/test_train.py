@@ -2,16 +2,15 @@
 predict, and a model trained on true masks that must beat chance on held-out images."""
 import json
 import os
-import random
 import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from baselines import chance_predictions
 from maskless.core import masks, shards, storage
 from maskless.train.dataset import ShardDataset, build_index, rank_batches, steps_per_epoch
 from maskless.train.maskrcnn import build_model, load_model
@@ -143,19 +142,6 @@ def _stop_when(out: str, step: int, done: threading.Event) -> None:
         time.sleep(0.05)
 
 
-def _chance(gt: GroundTruth, classes: list[str], per_image: int) -> list[dict]:
-    """Random rectangles of random classes: what a model that learned nothing scores."""
-    rng, out = random.Random(0), []
-    for key, (h, w) in zip(gt.keys, gt.sizes):
-        for _ in range(per_image):
-            x0, y0 = rng.randrange(w // 2), rng.randrange(h // 2)
-            m = np.zeros((h, w), bool)
-            m[y0:y0 + rng.randrange(8, h // 2), x0:x0 + rng.randrange(8, w // 2)] = True
-            out.append({"image_id": key, "category": rng.choice(classes), "segmentation": masks.encode(m),
-                        "score": rng.random()})
-    return out
-
-
 def test_train_two_workers_interrupt_resume_predict_and_learn(ray_local, world_shards, tiny_world, tmp_path):
     data = _with_pseudo(world_shards["train"], str(tmp_path / "pseudo"))
     out = str(tmp_path / "run")
@@ -210,7 +196,7 @@ def test_train_two_workers_interrupt_resume_predict_and_learn(ray_local, world_s
     assert preds and all(masks.decode(p["segmentation"]).shape == gt.sizes[gt.keys.index(p["image_id"])]
                          for p in preds)
     ours = evaluate(gt, preds, protocols=("voc",), thresholds=(0.5,))
-    chance = evaluate(gt, _chance(gt, classes, per_image=20), protocols=("voc",), thresholds=(0.5,))
+    chance = evaluate(gt, chance_predictions(gt, classes, per_image=20), protocols=("voc",), thresholds=(0.5,))
     ap, ap_chance = ours.protocols["voc"].mean_ap[0], chance.protocols["voc"].mean_ap[0]
     abo, abo_chance = ours.abo()["mean_over_instances"], chance.abo()["mean_over_instances"]
     assert ap >= 0.1 and ap >= 10 * ap_chance, (ap, ap_chance)

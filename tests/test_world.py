@@ -74,14 +74,22 @@ def test_world_has_touching_same_class_instances(tiny_world):
     assert merged >= 3
 
 
+def _files(root):
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names if n != "world.json"}
+
+
 def test_world_is_deterministic_and_validates_arguments(tmp_path):
     a = make_world(str(tmp_path / "a"), classes=2, images=4, seed=5, size=64)
     b = make_world(str(tmp_path / "b"), classes=2, images=4, seed=5, size=64)
-    assert a["instances"] == b["instances"]
-    for sub in ("JPEGImages/world_000003.jpg", "SegmentationObject/world_000003.png"):
-        assert (tmp_path / "a" / sub).read_bytes() == (tmp_path / "b" / sub).read_bytes()
     c = make_world(str(tmp_path / "c"), classes=2, images=4, seed=6, size=64)
-    assert (tmp_path / "c/JPEGImages/world_000000.jpg").read_bytes() != (tmp_path / "a/JPEGImages/world_000000.jpg").read_bytes() or c != a
+    same_seed, other_seed = _files(tmp_path / "a"), _files(tmp_path / "c")
+    assert same_seed == _files(tmp_path / "b")  # every image, mask, box and split list, byte for byte
+    assert {k: v for k, v in a.items() if k != "root"} == {k: v for k, v in b.items() if k != "root"}
+    # another seed draws another world: same files, none of its images or object maps the same
+    assert set(other_seed) == set(same_seed) and c["seed"] == 6
+    drawn = [k for k in same_seed if k.startswith(("JPEGImages", "SegmentationObject"))]
+    assert len(drawn) == 8 and all(other_seed[k] != same_seed[k] for k in drawn)
     with pytest.raises(ValueError, match="classes"):
         make_world(str(tmp_path / "d"), classes=99)
     with pytest.raises(ValueError, match="at least 2 images"):

@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 
 KINDS = {"clean": None, "erode": int, "dilate": int, "drop": float, "merge": int, "shift": int}
 DEFAULT_LEVELS = ["clean", "erode:2", "dilate:2", "drop:0.3", "merge:3", "shift:3"]
-# Small enough for a CPU run on the world; every level trains with exactly these settings.
-DEFAULT_TRAIN = {"arch": "resnet18_fpn", "weights": "none", "min_size": 128, "max_size": 128, "epochs": 6,
-                 "batch_size": 2, "warmup_iters": 20, "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
+# Every level trains with exactly these settings: the demo's Mask R-CNN recipe (examples/demo.yaml), small
+# enough for a CPU run on the default world, which is the demo's world, so the `clean` level trains the
+# demo's fully supervised configuration. From scratch it needs the gradient clipping (docs/TRAIN.md).
+DEFAULT_TRAIN = {"arch": "resnet18_fpn", "weights": "none", "min_size": 128, "max_size": 128,
+                 "anchor_sizes": [16, 32, 64, 128, 256], "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
                  "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100, "box_batch_size_per_image": 64,
-                 "box_detections_per_img": 50}
+                 "box_detections_per_img": 20, "batch_size": 4, "epochs": 5, "lr": 0.01, "clip_grad_norm": 5.0,
+                 "warmup_iters": 50, "lr_steps": [4], "loader_workers": 0, "cpus_per_worker": 2}
 
 
 @dataclass

@@ -1,13 +1,12 @@
 """torchvision Mask R-CNN for maskless: the backbones, their starting weights, and the one-file export.
 
-Weights are never downloaded here: pretrained files come from the torch hub cache (where torchvision
-puts them on a machine with internet) or from an explicit path, and a missing file is a clear error,
-never a silent fall back to random weights.
+Pretrained files come from the torch hub cache under core/weights.py's policy (downloaded only when the
+user asks) or from an explicit path; a missing file is a clear error, never a silent fall back to random
+weights.
 """
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Optional
@@ -22,6 +21,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from maskless.core import storage
+from maskless.core.weights import torchvision_file
 
 EXPORT_FORMAT = "maskless-maskrcnn"
 EXPORT_VERSION = 1
@@ -111,9 +111,9 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def weights_file(arch: str, weights: str) -> str | None:
-    """The file `weights` names for `arch`: the torch hub cache for 'imagenet'/'coco', else the path itself;
-    None for 'none'. A missing file is a FileNotFoundError saying how to get it (nothing is downloaded)."""
+def weights_file(arch: str, weights: str, download: bool = False) -> str | None:
+    """The file `weights` names for `arch`: torchvision's in the torch hub cache for 'imagenet'/'coco'
+    (core/weights.py: downloaded only when `download` is set), else the path itself; None for 'none'."""
     kind = weights.lower()
     if kind == "none":
         return None
@@ -123,14 +123,8 @@ def weights_file(arch: str, weights: str) -> str | None:
             raise ValueError(f"torchvision has no COCO Mask R-CNN weights for {arch}: use "
                              f"{' or '.join(n for n, a in ARCHS.items() if a.coco)}, --weights imagenet, a file, "
                              f"or none")
-        url = enum.url
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{'ImageNet' if kind == 'imagenet' else 'COCO'} weights for {arch} not found: expected {path} "
-                f"(torch hub cache). Download {url} into that folder, pass --weights PATH to a file you have, "
-                f"or --weights none to train from scratch")
-        return path
+        return torchvision_file(enum, f"{'ImageNet' if kind == 'imagenet' else 'COCO'} weights for {arch}", download,
+                                "--weights PATH to a file you have, or --weights none to train from scratch")
     if not storage.exists(weights):
         raise FileNotFoundError(f"weights file {weights} does not exist: pass an existing file, "
                                 f"--weights imagenet|coco (torch hub cache), or --weights none")
@@ -184,13 +178,14 @@ def resolve_norm(arch: str, weights: str, norm: str | None = None) -> str:
 
 def build_model(classes: list[str], arch: str = "maskrcnn_resnet50_fpn", weights: str = "imagenet",
                 min_size: int = 800, max_size: int = 1333, trainable_backbone_layers: int | None = None,
-                anchor_sizes: list[int] | None = None, norm: str | None = None,
+                anchor_sizes: list[int] | None = None, norm: str | None = None, download_weights: bool = False,
                 **detector_options: Any) -> nn.Module:
     """A Mask R-CNN for `classes` (plus background) with its starting weights.
 
     weights: 'none' (random init, trainable BatchNorm: frozen statistics of an untrained net are a no-op),
     'imagenet' (backbone), 'coco' (whole detector but the class-specific heads; ResNet-50 archs only),
-    or a file (torchvision backbone or detector state dict, or a maskless model.pt).
+    or a file (torchvision backbone or detector state dict, or a maskless model.pt); download_weights lets
+    torchvision download 'imagenet'/'coco' into the torch hub cache when they are not there.
     anchor_sizes: one size per feature level (5 for the ResNet FPNs, 3 for MobileNet); None keeps
     torchvision's (32..512), too large for images much smaller than 800 px.
     """
@@ -201,7 +196,7 @@ def build_model(classes: list[str], arch: str = "maskrcnn_resnet50_fpn", weights
     unknown = set(detector_options) - set(DETECTOR_OPTIONS)
     if unknown:
         raise ValueError(f"unknown detector options {sorted(unknown)}; known: {', '.join(DETECTOR_OPTIONS)}")
-    path = weights_file(arch, weights)
+    path = weights_file(arch, weights, download_weights)
     spec = ARCHS[arch]
     options = {k: v for k, v in detector_options.items() if v is not None}
     pretrained = path is not None

@@ -19,7 +19,7 @@ from maskless.core.metrics import Evaluation, GroundTruth, Predictions
 
 log = logging.getLogger(__name__)
 
-# Published VOC 2012 val mAP^r (image-level supervision), copied from the papers via NOTES-method.md.
+# Published VOC 2012 val mAP^r (image-level supervision), copied from the papers (docs/REFERENCES.md).
 # "protocol" says how each paper scored, as far as the sources tell; these are NOT measured here.
 PUBLISHED: list[dict] = [
     {"method": "PRM", "25": 44.3, "50": 26.8, "75": 9.0, "extra": "MCG proposals", "protocol": "voc (chainercv)"},

@@ -5,6 +5,9 @@ model.pt and summary.json. A rerun with the same RUN continues from the latest c
 restores its run from the same name and storage path), so a crashed driver loses at most the steps
 since the last checkpoint; a lost worker restarts the worker group from it (FailureConfig). Ctrl-C /
 SIGTERM on the driver, or a file RUN/STOP, makes every worker checkpoint at the next log point and stop.
+When Ray drains a node of the run for preemption (an autoscaler reclaiming a spot node), the workers
+checkpoint at the next log point and Ray Train restarts them elsewhere from it at the drain's deadline; Ray
+Train's preemption watcher, which tells them, runs on a cluster (core/resources.py).
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ class TrainConfig:
     arch: str = field(default="maskrcnn_resnet50_fpn", metadata={"help": "network", "choices": list(ARCHS)})
     weights: str = field(default="imagenet", metadata={
         "help": "'imagenet' (backbone) or 'coco' (detector) from the torch hub cache, a weights file, or 'none'"})
+    download_weights: bool = field(default=False, metadata={
+        "help": "let torchvision download 'imagenet'/'coco' weights missing from the torch hub cache"})
     norm: Optional[str] = field(default=None, metadata={
         "help": "backbone norm: frozen, batch or group (ResNets only) (default: frozen from pretrained weights, "
                 "batch from scratch)", "choices": ["frozen", "batch", "group"]})
@@ -163,7 +168,8 @@ class Training:
     def __init__(self, cfg: TrainConfig, classes: list[str], device: torch.device):
         self.cfg, self.device = cfg, device
         self.amp = device.type == "cuda" and cfg.amp
-        self.model = build_model(classes, weights=cfg.weights, **cfg.model_options())
+        self.model = build_model(classes, weights=cfg.weights, download_weights=cfg.download_weights,
+                                 **cfg.model_options())
         if cfg.scale_jitter:
             # torchvision's transform draws a training size per batch from min_size and evaluates at min_size[-1]
             self.model.transform.min_size = tuple(round(cfg.min_size * s) for s in cfg.scale_jitter) + (cfg.min_size,)
@@ -334,7 +340,7 @@ def run_train(cfg: TrainConfig) -> dict:
     if spe == 0:
         raise ValueError(f"{len(entries)} training images cannot fill one batch of {cfg.batch_size} on each of "
                          f"{cfg.workers} workers: lower --batch-size or --workers")
-    weights_file(cfg.arch, cfg.weights)  # missing weights fail here, not in every worker
+    weights_file(cfg.arch, cfg.weights, cfg.download_weights)  # missing weights fail (or download) here first
     storage.makedirs(cfg.out)
     _check_run_folder(cfg, classes)
     stop_file = storage.join(cfg.out, STOP_FILE)
