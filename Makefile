@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-all bench clean
 
 # A first install needs room: torch 2.14.1 for x86-64 is a CUDA build, about 6.6 GB of .venv in all.
 NEED_GIB := 8
@@ -27,8 +27,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/maskless run --config examples/demo.yaml
 
+# Two pytest-xdist workers, whole files each (most tests wait on Ray, servers or subprocesses); the slow
+# tests (pyproject's markers) only in test-all.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/maskless bench

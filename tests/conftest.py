@@ -41,3 +41,16 @@ def world_shards(tiny_world, tmp_path_factory):
     train = import_voc(tiny_world, str(out / "train"), split="train", shard_size=6)
     import_voc(tiny_world, str(out / "val"), split="val", shard_size=6)
     return {"train": str(out / "train"), "val": str(out / "val"), "classes": train["classes"]}
+
+
+# The files whose tests take longest (train Mask R-CNN or a classifier, start clusters), longest first.
+SLOW_FIRST = ("test_train.py", "test_pseudo.py", "test_cluster.py", "test_run.py", "test_classifier.py",
+              "test_crawl.py", "test_ablate.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Longest files first (stable within a file): `make test` runs whole files on pytest-xdist
+    workers in collection order, so the suite ends on short files instead of waiting on one long one."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+

@@ -122,6 +122,7 @@ def test_run_ablate_loop_and_rerun(tiny_world, tmp_path, monkeypatch):
     assert calls == ["clean", "erode-2", "drop-0_5", "shift-3"]  # finished levels are not redone
 
 
+@pytest.mark.slow
 def test_maskless_ablate_runs_one_level_for_real(ray_local, tiny_world, tmp_path):
     """`maskless ablate` itself, nothing replaced: one level of the default recipe (at the tiny world's
     96 px, 4 steps) degrades, trains on exactly the degraded masks, evaluates and writes the curve."""

@@ -191,6 +191,7 @@ def _records(out):
         return [json.loads(l) for l in f if l.strip()]
 
 
+@pytest.mark.slow
 def test_two_worker_training_survives_a_failure_and_a_rerun(ray_local, world_shards, tmp_path):
     from maskless.pseudo.classify import ClassifyConfig, run_classify
 

@@ -299,6 +299,7 @@ def test_routing_resources_place_tasks_on_tagged_nodes(cluster):
         cluster.cluster.remove_node(node)
 
 
+@pytest.mark.slow
 def test_crawl_job_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster, tmp_path):
     """The crawl as `ray job submit -- maskless crawl --config ...` runs it: the CLI in its own process
     with RAY_ADDRESS set, joining the cluster (Ray's job server itself needs the dashboard, which
@@ -421,6 +422,7 @@ def pseudo_inputs(s3, tmp_path_factory):
     return data, f"{s3}/classifier.pt"
 
 
+@pytest.mark.slow
 def test_pseudo_on_s3_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster, s3, pseudo_inputs):
     """Inputs, classifier and outputs all in the (moto) S3 bucket: the shared storage of a cluster.
     The single input shard is cut into units of 2 images, so actors on both nodes have work."""
@@ -446,6 +448,7 @@ def test_pseudo_on_s3_spreads_over_nodes_and_a_lost_node_loses_no_sample(cluster
     assert redone_elsewhere("PseudoActor", victim), "a unit cut off by the lost node was redone"
 
 
+@pytest.mark.slow
 def test_gpu_stages_run_on_gpu_stage_nodes_or_where_resources_say(cluster, s3, pseudo_inputs, tmp_path):
     """A node tagged `gpu_stage` (cluster.yaml's GPU type) joins: the pseudo stage's actors go to it
     by the tag alone, and a Ray Train fit built like classify's and train's goes where its explicit
@@ -498,6 +501,7 @@ class _StopBeforeClassify(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_the_world_source_runs_on_s3_through_the_crawl(cluster, s3, tmp_path, monkeypatch):
     """`maskless run --out s3://...` with the world source failed at once (the world, the imports and
     the demo's web folder were local-only). Now world, import, web folder and crawl all live in the
@@ -579,6 +583,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_train_checkpoints_when_its_node_is_preempted_and_resumes_from_there(cluster, world_shards, tmp_path,
                                                                                monkeypatch):
     """A spot node reclaimed mid-training, the way an autoscaler does it: Ray drains the node with a

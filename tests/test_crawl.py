@@ -1088,6 +1088,7 @@ cp -a "$MNT/out" "$LOG/out"
 """
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_crawl_is_exit_2_and_a_rerun_finishes(serve, tmp_path):
     """A real full disk: OUT on a 160 KiB tmpfs, mounted in a private mount namespace of an
     unprivileged user namespace (`unshare -r -m`), so nothing outside this test sees it."""
