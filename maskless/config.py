@@ -24,6 +24,21 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+class _Unset:
+    """A flag's value `none`: sets an Optional field to None (a flag's None means "not given")."""
+
+
+UNSET = _Unset()
+
+
+def _optional(tp: type):
+    """A flag type for an Optional[int/float/str] field: `none` (any case) gives UNSET, else tp(text)."""
+    def parse(text: str):
+        return UNSET if text.strip().lower() == "none" else tp(text)
+    parse.__name__ = tp.__name__  # argparse names the type in its errors
+    return parse
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -68,8 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
                                 type=lambda s, item=item: _parse_list(s, item), help=help_text)
         elif tp in (int, float, str):
             choices = f.metadata.get("choices")
-            parser.add_argument(_flag(f.name), dest=f.name, type=tp, default=None, choices=choices,
-                                help=help_text)
+            optional = tp is not str and typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
+            if optional:
+                help_text += "; none: unset"
+            parser.add_argument(_flag(f.name), dest=f.name, type=_optional(tp) if optional else tp, default=None,
+                                choices=choices, help=help_text)
         elif typing.get_args(tp) == (str, float):
             parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar="NAME=AMOUNT,...",
                                 type=_parse_amounts, help=help_text)
@@ -88,7 +106,7 @@ def build(cls: type, yaml_values: dict | None = None, args: argparse.Namespace |
     given = vars(args) if isinstance(args, argparse.Namespace) else (args or {})
     for key, val in given.items():
         if key in names and val is not None:
-            values[key] = val
+            values[key] = None if val is UNSET else val
     cfg = cls(**values)
     check = getattr(cfg, "validate", None)
     if callable(check):

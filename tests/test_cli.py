@@ -59,6 +59,7 @@ class _Demo:
     classes: list[str] = field(default_factory=list)
     queries: dict = field(default_factory=dict)
     resources: Optional[dict[str, float]] = None
+    overlap: Optional[float] = 0.5
 
     def validate(self):
         if self.steps < 1:
@@ -84,6 +85,12 @@ def test_config_merges_defaults_yaml_and_flags():
     for bad in ("gpu_stage", "gpu_stage=many", "=1", "a=1,,b=2"):
         with pytest.raises(SystemExit):
             p.parse_args(["--resources", bad])
+    # an Optional field with a default is set to None by `none` (a flag's None means "not given")
+    assert config.build(_Demo, {}, p.parse_args(["--overlap", "none"])).overlap is None
+    assert config.build(_Demo, {"overlap": None}, p.parse_args(["--overlap", "0.25"])).overlap == 0.25
+    assert config.build(_Demo, {}, p.parse_args([])).overlap == 0.5
+    with pytest.raises(SystemExit):
+        p.parse_args(["--overlap", "half"])
 
 
 @pytest.mark.parametrize("stage", ["crawl", "pseudo", "classify", "train"])
