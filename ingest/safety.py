@@ -69,14 +69,20 @@ def check_host(host: str, port: int, allow_private: bool = False, allowed_origin
         raise RefusedAddress(f"host {host!r} is not a valid name: {e}") from None
     if not addresses:
         raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
+    check_addresses(host, port, addresses, allow_private, allowed_origins)
+    return addresses
+
+
+def check_addresses(host: str, port: int, addresses: Iterable[str], allow_private: bool = False,
+                    allowed_origins: Iterable[str] = ()) -> None:
+    """RefusedAddress unless every address of host is public, or the crawl allows it (see check_host)."""
     if allow_private or f"{host}:{port}" in set(allowed_origins):
-        return addresses
+        return
     for ip in addresses:
         block = address_block(ip)
         if block:
             raise RefusedAddress(f"{host} resolves to {block} address {ip} "
                                  f"(pass --allow-private to crawl such addresses)")
-    return addresses
 
 
 def url_target(url: str) -> tuple[str, int]:
@@ -187,23 +193,20 @@ class SafeAdapter(HTTPAdapter):
 
     def addresses(self, host: str, port: int) -> list[str]:
         """check_host under this adapter's rules, counting refusals."""
+        return self._counted(host, port, check_host, host, port, self.allow_private, self.allowed_origins,
+                             self.resolver)
+
+    def check_address(self, host: str, port: int, ip: str) -> None:
+        """RefusedAddress (counted) when this adapter's rules do not admit a connection to ip for host."""
+        self._counted(host, port, check_addresses, host, port, [ip], self.allow_private, self.allowed_origins)
+
+    def _counted(self, host: str, port: int, check: Callable, *args):
         try:
-            return check_host(host, port, self.allow_private, self.allowed_origins, self.resolver)
+            return check(*args)
         except RefusedAddress as e:
             if self.on_refused:
                 self.on_refused(f"{host}:{port}", str(e))
             raise
-
-    def check_address(self, host: str, port: int, ip: str) -> None:
-        """RefusedAddress (counted) when this adapter's rules do not admit a connection to ip for host."""
-        if self.allow_private or f"{host}:{port}" in set(self.allowed_origins):
-            return
-        block = address_block(ip)
-        if block:
-            if self.on_refused:
-                self.on_refused(f"{host}:{port}", block)
-            raise RefusedAddress(f"{host} is connected to {block} address {ip} "
-                                 f"(pass --allow-private to crawl such addresses)")
 
     def send(self, request, stream=False, proxies=None, **kwargs):
         host, port = url_target(request.url)
