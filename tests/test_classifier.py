@@ -246,10 +246,11 @@ def test_shard_stream_partitions_one_shard_by_units(world_shards, tmp_path):
     assert sorted(mine[1]) == sorted(keys[4:8] + keys[12:16])
 
 
-def test_classifier_learns_held_out_labels_far_beyond_the_label_prior(tmp_path):
+def test_classifier_learns_labels_beyond_the_prior_and_masks_beyond_an_untrained_one(tmp_path):
     """classify's own training steps (`train_steps`, what each Ray Train worker runs an epoch of), in this
     process for speed: a tiny classifier from scratch on a small world must rank the held-out images'
-    labels far better than the label prior, whose mAP is the mean prevalence of the classes."""
+    labels far better than the label prior, whose mAP is the mean prevalence of the classes, and its
+    pseudo masks must fit the true masks far better than an untrained network's."""
     import dataclasses
 
     from torch.utils.data import DataLoader
@@ -278,3 +279,27 @@ def test_classifier_learns_held_out_labels_far_beyond_the_label_prior(tmp_path):
     prior = float(labels.mean(0).mean())  # a ranking that knows only the label frequencies: AP = prevalence
     assert result["val_samples"] == len(labels) >= 12
     assert result["map"] >= prior + 0.3, (result["map"], prior)  # 0.88 against 0.46 here
+
+    # what the classifier is for: its peaks become pseudo masks; the trained model's masks of the train
+    # images must fit the true masks better than those of the same network untrained (same seed, same rule)
+    torch.manual_seed(0)
+    untrained = build_classifier(len(classes), cfg.backbone, cfg.backbone_weights)
+    trained_fit, untrained_fit = (_pseudo_fidelity(m, classes, str(tmp_path / "train"), cfg.image_size)
+                                  for m in (model, untrained))
+    assert trained_fit["images"] == untrained_fit["images"] == train["images"]
+    # here ABO 0.22 vs 0.10, recall@0.5 0.18 vs 0.02, precision@0.5 0.34 vs 0.03 (60 steps at 64 px)
+    for key, margin in (("abo_same_class", 0.08), ("recall", 0.1), ("precision", 0.2)):
+        assert trained_fit[key] >= untrained_fit[key] + margin, (key, trained_fit[key], untrained_fit[key])
+
+
+def _pseudo_fidelity(model, classes: list[str], root: str, image_size: int) -> dict:
+    """Fidelity of the pseudo stage's default rule: pseudo masks of every sample of `root` (pseudo/fidelity.py)."""
+    from maskless.pseudo.fidelity import FidelityAccumulator, image_size as size_of
+    from maskless.pseudo.instances import PseudoMasker
+    from maskless.pseudo.stage import PseudoConfig
+
+    masker = PseudoMasker(model.eval(), classes, {"image_size": image_size}, PseudoConfig().masker_options())
+    acc = FidelityAccumulator(classes)
+    for s in shards.read_dataset(root):
+        acc.add(s.gt, {"instances": masker(np.asarray(s.image()), s.labels, None)}, size_of(s), s.key)
+    return acc.result()
