@@ -233,7 +233,11 @@ def write_chunks(items: list, root: str, prefix: str, shard_size: int,
             skipped += 1
             continue
         dropped, invalid, listed, item = Counter(), Counter(), [], None
-        try:
+
+        def writing() -> str:  # read when the disk fills: the item being written then
+            return f"shard {name} of {root} ({f'at {describe(item)}' if item is not None else 'committing it'})"
+
+        with errors.disk_full_is_one_line(writing, f"the {written + skipped} shards already complete are kept"):
             with ShardWriter(root, name) as w:
                 for item in chunk:
                     try:
@@ -248,13 +252,6 @@ def write_chunks(items: list, root: str, prefix: str, shard_size: int,
                     w.write(sample)
                 item = None
                 w.commit({"dropped": dict(dropped), "skipped": dict(invalid), "skipped_items": listed})
-        except OSError as e:
-            if not errors.disk_full(e):
-                raise
-            at = f"at {describe(item)}" if item is not None else "committing it"
-            raise OSError(e.errno, f"no space left on device writing shard {name} of {root} ({at}): free "
-                                   f"space and rerun the same command; the {written + skipped} shards already "
-                                   f"complete are kept") from e
         written += 1
     return written, skipped
 

@@ -236,16 +236,11 @@ def crawl_unit(unit: Unit, options: dict, units_root: str, local_base: str | Non
         "rejected": dict(sink.rejected), "rejects": sink.rejects,
         "seconds": round(time.monotonic() - t0, 3), "node": resources.node_id(), "pid": os.getpid(),
     }
-    try:
+    with errors.disk_full_is_one_line(f"unit {unit.name} into {units_root}", "units already written are kept"):
         with shards.ShardWriter(units_root, unit.name) as writer:
             for key in keys:
                 writer.write(sink.samples[key])
             info = writer.commit(stats)
-    except OSError as e:
-        if not errors.disk_full(e):
-            raise
-        raise OSError(e.errno, f"no space left on device writing unit {unit.name} into {units_root}: free "
-                               f"space and rerun the same command (units already written are kept)") from e
     return {**info, "resumed": False}
 
 

@@ -95,7 +95,7 @@ def _write_units(out: str, units_root: str, names: list[str], *outcome_blocks: d
         if not plan:
             continue
         stats = {**unit_stats, "dedup_digest": digest, "dropped_as_duplicates": len(keys) - len(plan)}
-        try:
+        with errors.disk_full_is_one_line(f"the dataset's shard {name} into {out}", "every unit is kept"):
             if unchanged and len(plan) == len(keys):
                 _share_shard(units_root, out, name, stats)
             else:
@@ -105,11 +105,6 @@ def _write_units(out: str, units_root: str, names: list[str], *outcome_blocks: d
                             s.meta.update(plan[s.key])
                             writer.write(s)
                     writer.commit({k: v for k, v in stats.items() if k not in ("shard", "count", "schema_version")})
-        except OSError as e:
-            if not errors.disk_full(e):
-                raise
-            raise OSError(e.errno, f"no space left on device writing the dataset's shard {name} into {out}: free "
-                                   f"space and rerun the same command (every unit is kept)") from e
         result.shards_rewritten += 1
     return result
 
