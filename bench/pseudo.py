@@ -12,7 +12,8 @@
 2. Throughput: `run_pseudo` over ONE input shard of the first --throughput-images train images (200),
    cut into units of --unit-size, with 1 and 2 CPU actors; images/s from the first unit's start to the
    last unit's commit (the units' stats), the same with Ray Data and actor start-up included, and per
-   actor while busy (the stage summary's per_actor); the 1 -> 2 actor scaling efficiency =
+   actor while busy (the stage summary's per_actor) with its busy seconds and how long after the
+   stage's first unit its own first unit was read (a late actor's start); the 1 -> 2 actor scaling efficiency =
    throughput(2) / (2 x throughput(1)) on the first-to-last figure, with the load average around each
    run (the machine may be shared: the figure means something only on an idle one).
 
@@ -137,11 +138,18 @@ def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int,
         finally:
             ray.shutdown()
         stats = shards.read_stats(dest)
-        span = max(s["finished"] for s in stats) - min(s["read_started"] for s in stats)
+        first = min(s["read_started"] for s in stats)
+        span = max(s["finished"] for s in stats) - first
+        # when each actor's first unit was read, after the stage's first: a late actor's start is time
+        # the window counts and no actor's busy time does
+        lag = {}
+        for s in stats:
+            lag[s["actor"]] = min(lag.get(s["actor"], float("inf")), s["read_started"] - first)
         result[actors] = {"images": summary["images"], "units": summary["units"], "wall_s": wall,
                           "images_per_s_end_to_end": summary["images"] / wall,
-                          "images_per_s": summary["images"] / span,
-                          "per_actor": summary["per_actor"],
+                          "images_per_s": summary["images"] / span, "window_s": span,
+                          "per_actor": {k: {**v, "first_unit_after_s": round(lag.get(k, float("nan")), 2)}
+                                        for k, v in summary["per_actor"].items()},
                           "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     result["efficiency"] = result[2]["images_per_s"] / (2 * result[1]["images_per_s"])
     return result
@@ -223,6 +231,11 @@ def main() -> None:
                       "value": tp[a]["images_per_s_end_to_end"], "unit": "img/s"}]
             rows += [{"metric": f"{a} CPU actor(s): actor {k[:8]} images/s while busy", "value": v["images_per_s"],
                       "unit": "img/s"} for k, v in tp[a]["per_actor"].items()]
+            rows += [{"metric": f"{a} CPU actor(s): actor {k[:8]} busy / first unit after the stage's first",
+                      "value": f"{v['busy_s']:.1f} / {v['first_unit_after_s']:.1f}", "unit": "s"}
+                     for k, v in tp[a]["per_actor"].items()]
+            rows.append({"metric": f"{a} CPU actor(s): window, first unit read to last committed",
+                         "value": tp[a]["window_s"], "unit": "s"})
             rows.append({"metric": f"{a} CPU actor(s): 1-min load average before, after", "unit": "",
                          "value": " / ".join(map(str, tp[a]["load_1min_before_after"]))})
         rows.append({"metric": f"1 -> 2 actor scaling efficiency, one shard of {len(samples)}",
