@@ -16,6 +16,13 @@
    stage's first unit its own first unit was read (a late actor's start); the 1 -> 2 actor scaling efficiency =
    throughput(2) / (2 x throughput(1)) on the first-to-last figure, with the load average around each
    run (the machine may be shared: the figure means something only on an idle one).
+3. The machine's own ceiling for that figure (`--skip-plain` to leave it out): the same per-image work
+   as an actor's (decode, classifier forward in batches of the stage's --forward-batch, peaks, their
+   back-propagation, masks, GrabCut; no tar writing) in 1 and then 2 plain processes of 1 torch and
+   OpenCV thread each, no Ray, the images split in halves; each process loads the classifier, then all
+   start together (a barrier). throughput(2) / (2 x throughput(1)) here is what the machine's cores
+   give two copies of this work with no scheduler, no reading or writing, and nothing else running:
+   the ceiling the stage's figure above is to be read against (both swing from run to run).
 
     .venv/bin/python -m bench.pseudo --classifier RUN --data SHARDS_WITH_GT [--images 60] [--out /tmp/bench-pseudo]
     .venv/bin/python -m bench.pseudo --skip-fidelity        # the scaling check alone
@@ -155,6 +162,52 @@ def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int,
     return result
 
 
+def _plain_worker(run: str, data: str, first: int, stop: int, barrier, results) -> None:
+    """One plain process of the ceiling measurement: the actor's per-image work on samples [first, stop)."""
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    cfg = PseudoConfig(classifier=run, data=data, out="-", max_peaks=10)
+    model, classes, train_config = load_classifier(run)
+    masker = PseudoMasker(model, classes, train_config, cfg.masker_options())
+    samples = list(itertools.islice(shards.read_dataset(data), first, stop))
+    barrier.wait()
+    t0 = time.time()
+    for b in range(0, len(samples), cfg.forward_batch):
+        chunk = samples[b:b + cfg.forward_batch]
+        images = [np.asarray(s.image()) for s in chunk]
+        x, crm = masker.class_response_maps(images)
+        for j, (s, image) in enumerate(zip(chunk, images)):
+            masker.instances(masker.responses(image, s.labels, (x[j:j + 1], crm[j])), None)
+    results.put((first, len(samples), t0, time.time()))
+
+
+def plain_ceiling(run: str, data: str, n: int) -> dict:
+    """images/s of 1 and 2 plain processes doing an actor's per-image work, and the efficiency between them."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    result: dict = {"images": n}
+    for procs in (1, 2):
+        bounds = np.linspace(0, n, procs + 1).astype(int)
+        barrier, results = ctx.Barrier(procs), ctx.Queue()
+        workers = [ctx.Process(target=_plain_worker, args=(run, data, int(a), int(b), barrier, results))
+                   for a, b in zip(bounds[:-1], bounds[1:])]
+        load_before = os.getloadavg()[0]
+        for w in workers:
+            w.start()
+        done = [results.get() for _ in workers]
+        for w in workers:
+            w.join()
+        window = max(d[3] for d in done) - min(d[2] for d in done)
+        result[procs] = {"images_per_s": n / window, "window_s": window,
+                         "per_process_images_per_s": [d[1] / (d[3] - d[2]) for d in sorted(done)],
+                         "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    result["efficiency"] = result[2]["images_per_s"] / (2 * result[1]["images_per_s"])
+    return result
+
+
 def train_classifier(out: str, images: int) -> tuple[str, str]:
     import ray
 
@@ -190,6 +243,7 @@ def main() -> None:
     ap.add_argument("--unit-size", type=int, default=UNIT_SIZE, help="the stage's --unit-size in the throughput part")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--skip-plain", action="store_true", help="leave out the plain-process ceiling (part 3)")
     ap.add_argument("--out", default="/tmp/bench-pseudo")
     ap.add_argument("--json", default=None, help="write the result here (default OUT/bench.json)")
     args = ap.parse_args()
@@ -241,6 +295,19 @@ def main() -> None:
         rows.append({"metric": f"1 -> 2 actor scaling efficiency, one shard of {len(samples)}",
                      "value": tp["efficiency"], "unit": ""})
         extra["throughput"] = tp
+    if not args.skip_plain:
+        data_one = os.path.join(args.out, f"throughput-data-{args.throughput_images}")
+        plain = plain_ceiling(run, data_one if shards.list_shards(data_one) else data, args.throughput_images)
+        for a in (1, 2):
+            rows.append({"metric": f"{a} plain process(es), no Ray: images/s", "value": plain[a]["images_per_s"],
+                         "unit": "img/s"})
+            rows.append({"metric": f"{a} plain process(es): each process's images/s", "unit": "img/s",
+                         "value": ", ".join(f"{v:.2f}" for v in plain[a]["per_process_images_per_s"])})
+            rows.append({"metric": f"{a} plain process(es): 1-min load average before, after", "unit": "",
+                         "value": " / ".join(map(str, plain[a]["load_1min_before_after"]))})
+        rows.append({"metric": "1 -> 2 plain processes: the machine's own scaling efficiency",
+                     "value": plain["efficiency"], "unit": ""})
+        extra["plain"] = plain
     write_result("pseudo", rows, args.json or os.path.join(args.out, "bench.json"), **extra)
 
 

@@ -4,17 +4,20 @@ Grid: worlds (the demo's 3-class world, and the world with all 8 classes: bar, s
 hexagon beside disc, square, triangle) x world seeds x pseudo-mask variants, each run with the demo
 recipe (examples/demo.yaml and its `maskless run` pipeline, maskless/run.py). Per cell:
   - stage `pseudo`: the pseudo masks of the train images against their true masks, per class:
-    recall and precision at IoU 0.5 (and 0.75), ABO (same class), pseudo instances per true object;
-    computed in-process from the run's classifier, whose peak responses are cached per cell;
+    recall and precision at IoU 0.5 (and 0.75), ABO (same class), pseudo instances per true object, the
+    classifier's held-out mAP, and what became of each true object (FAILURES: a mask at IoU >= 0.5, no
+    peak of its class inside it, or a peak inside and a mask too small or too large); computed
+    in-process from the run's classifier, whose peak responses are cached per cell;
   - stage `full`: the rest of the pipeline (pseudo stage, fidelity, Mask R-CNN on the pseudo masks and
     on the true masks, both scored on the val split): weak and full mAP^r (voc) at 0.25/0.5/0.75.
 The stages before pseudo (world, import, web, crawl, classify) run once per (world, seed) into
-OUT/base/WORLD-sSEED and are shared by every variant (the `full` stage links them into the variant's
+OUT/base/WORLD-sSEED and are shared by every variant (a variant with its own classifier, CLASSIFIERS,
+trains it in OUT/base/WORLD-sSEED-NAME on the same crawl; the `full` stage links them into the variant's
 run folder; the true-mask model is trained once per (world, seed) and linked too). Every result is a
 JSON file under OUT/results; a rerun skips what is there, so the grid can be run in parts:
 
-    .venv/bin/python -m bench.quality --out /tmp/quality --worlds 3,8 --seeds 0,1,2 --stages pseudo \\
-        --variants default,peak-per-object
+    .venv/bin/python -m bench.quality --out /tmp/quality --worlds w3,w8 --seeds 0,1,2 --stages pseudo \\
+        --variants default,explain-3
     .venv/bin/python -m bench.quality --out /tmp/quality --stages full --variants default
 
 Then the table: per variant and world, the mean and the range (min-max) over seeds of every figure.
@@ -41,7 +44,15 @@ WORLDS = {
     "w3": {"world": {"classes": 3}, "queries": None},
     "w8": {"world": {"classes": 8, "images": 240}, "queries": {}},
 }
-# variant name -> pseudo-section overrides of the demo recipe ("default" is the recipe as it is)
+# classifier name -> classify-section overrides of the demo recipe; a variant naming one gets its own base
+# folder OUT/base/WORLD-sSEED-NAME, whose world, import, web and crawl are the default base's, linked
+CLASSIFIERS: dict[str, dict] = {
+    "steps-30": {"lr_steps": [30]},                      # the demo's 40 epochs, lr x0.1 for the last 10
+    "e80-steps-60": {"epochs": 80, "lr_steps": [60]},   # twice the epochs, lr x0.1 for the last 20
+    "b8": {"batch_size": 8},                             # twice the steps of half the images: the same compute
+}
+# variant name -> pseudo-section overrides of the demo recipe ("default" is the recipe as it is), and
+# optionally "classifier": a name of CLASSIFIERS (default: the demo's classifier)
 VARIANTS: dict[str, dict] = {
     "default": {},
     "iou-only": {"group_overlap": None},          # peaks grouped by mask IoU alone (NMS before GrabCut)
@@ -54,6 +65,9 @@ VARIANTS: dict[str, dict] = {
     "explain-3": {"explain_rounds": 3},            # up to 3 more peaks per class where the class map is unexplained
     "explain-3-0.3": {"explain_rounds": 3, "explain_threshold": 0.3},
     "peak-0.5": {"peak_threshold": 0.5},
+    "cls-steps-30": {"classifier": "steps-30"},
+    "cls-e80-steps-60": {"classifier": "e80-steps-60"},
+    "cls-b8": {"classifier": "b8"},
 }
 SHARED_STAGES = ("world", "import", "web", "crawl", "classify")
 FULL_STAGES = ("train_full", "eval_full")
@@ -66,9 +80,13 @@ def demo_recipe() -> dict:
         return yaml.safe_load(f)
 
 
-def cell_recipe(world: str, seed: int, pseudo: dict | None = None) -> dict:
-    """The demo recipe for one world and seed, with the variant's pseudo section."""
+def cell_recipe(world: str, seed: int, variant: dict | None = None) -> dict:
+    """The demo recipe for one world and seed, with the variant's pseudo section and classifier."""
+    pseudo = {k: v for k, v in (variant or {}).items() if k != "classifier"}
     recipe = copy.deepcopy(demo_recipe())
+    classifier = (variant or {}).get("classifier")
+    if classifier:
+        recipe["classify"] = {**recipe["classify"], **CLASSIFIERS[classifier]}
     spec = WORLDS[world]
     recipe["run"]["world"] = {**recipe["run"]["world"], **spec["world"], "seed": seed}
     if spec["queries"] is not None:
@@ -87,14 +105,21 @@ def _write_yaml(recipe: dict, path: str) -> str:
     return path
 
 
-def base_folder(out: str, world: str, seed: int) -> str:
-    """The stages every variant shares, run once: world, import, web, crawl, classify."""
+def base_folder(out: str, world: str, seed: int, classifier: str | None = None) -> str:
+    """The stages every variant shares, run once: world, import, web, crawl, classify; with another
+    classifier, the default base's stages before classify are linked and only classify runs."""
     from maskless.run import run_pipeline
 
-    base = os.path.join(out, "base", f"{world}-s{seed}")
+    if classifier:
+        default = base_folder(out, world, seed)
+        base = os.path.join(out, "base", f"{world}-s{seed}-{classifier}")
+        _link_stages(default, base, SHARED_STAGES[:-1], ("world", os.path.join("data", "train"),
+                                                          os.path.join("data", "val"), "web", os.path.join("data", "crawl")))
+    else:
+        base = os.path.join(out, "base", f"{world}-s{seed}")
     if not os.path.exists(os.path.join(base, "stages", "classify.json")):
-        run_pipeline(_write_yaml(cell_recipe(world, seed), os.path.join(base, "recipe.yaml")), out=base,
-                     until="classify")
+        recipe = cell_recipe(world, seed, {"classifier": classifier} if classifier else None)
+        run_pipeline(_write_yaml(recipe, os.path.join(base, "recipe.yaml")), out=base, until="classify")
     return base
 
 
@@ -151,26 +176,70 @@ def cached_responses(base: str, masker) -> list:
     return items
 
 
+# what became of each true object: its best same-class pseudo mask at IoU >= 0.5 ("hit"); else no peak of
+# its class inside it (one within NEAR_PX of it, or none), or a peak inside but every mask of its class
+# under IoU 0.5, the best-overlapping one smaller or larger than the object (larger: it leaks or covers
+# neighbours)
+FAILURES = ("hit", "no_peak", "peak_near", "peak_mask_smaller", "peak_mask_larger")
+NEAR_PX = 8  # one cell of the tiny classifier's stride-8 map at the demo's 128 px
+
+
+def _failure_kinds(classes: list[str], gt: dict, pr, instances: list[dict]) -> list[str]:
+    import cv2
+
+    from maskless.core import masks as rle
+
+    kinds = []
+    for g in gt["instances"]:
+        same = [i["mask"] for i in instances if i["class"] == g["class"]]
+        ious = rle.iou_matrix(same, [g["mask"]])[:, 0] if same else np.zeros(0)
+        if len(ious) and ious.max() >= 0.5:
+            kinds.append("hit")
+            continue
+        truth = rle.decode(g["mask"]).astype(bool)
+        points = [(int(pt[0]), int(pt[1])) for p, pt in zip(pr.peaks, pr.points) if classes[p.cls] == g["class"]]
+        if not any(truth[pt] for pt in points):
+            # distance of every pixel to the object (0 inside it)
+            away = cv2.distanceTransform((~truth).astype(np.uint8), cv2.DIST_L2, 5)
+            kinds.append("peak_near" if any(away[pt] <= NEAR_PX for pt in points) else "no_peak")
+        elif len(ious) and rle.area(same[int(ious.argmax())]) > truth.sum():
+            kinds.append("peak_mask_larger")
+        else:
+            kinds.append("peak_mask_smaller")
+    return kinds
+
+
+def _classifier_map(base: str) -> float:
+    """The classifier's held-out mAP after its last epoch (its summary.json)."""
+    with open(os.path.join(base, "classifier", "summary.json")) as f:
+        return json.load(f)["final"]["map"]
+
+
 def pseudo_cell(out: str, variant: str, world: str, seed: int) -> dict:
     import torch
 
     from maskless.pseudo.fidelity import FidelityAccumulator
 
     path = _result_path(out, "pseudo", variant, world, seed)
+    base = base_folder(out, world, seed, VARIANTS[variant].get("classifier"))
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
-    base = base_folder(out, world, seed)
+            result = json.load(f)
+        if set(result.get("failures_all", ())) == set(FAILURES):
+            return result  # else a cell from before these failure counts: masked again (seconds; deterministic)
     torch.set_num_threads(2)
     masker, _ = _masker(base, cell_recipe(world, seed, VARIANTS[variant])["pseudo"])
     items = cached_responses(base, masker)
     t0 = time.time()
     accs = {iou: FidelityAccumulator(masker.classes, iou) for iou in (0.5, 0.75)}
+    failures = {c: dict.fromkeys(FAILURES, 0) for c in masker.classes}
     for key, gt, pr in items:
         instances = masker.instances(pr, None)
         size = pr.image.shape[:2]
         for acc in accs.values():
             acc.add(gt, {"instances": instances}, size, key)
+        for g, kind in zip(gt["instances"], _failure_kinds(masker.classes, gt, pr, instances)):
+            failures[g["class"]][kind] += 1
     at = {iou: acc.result() for iou, acc in accs.items()}
     r = at[0.5]
     per_class = {c: {"gt": v["gt_instances"], "pseudo": v["pseudo_instances"], "recall": v["recall"],
@@ -182,7 +251,9 @@ def pseudo_cell(out: str, variant: str, world: str, seed: int) -> dict:
               "pseudo": r["pseudo_instances"], "abo": r["abo_same_class"], "precision": r["precision"],
               "recall": r["recall"], "recall75": at[0.75]["recall"], "precision75": at[0.75]["precision"],
               "miou": r["miou"], "per_object": r["pseudo_instances"] / r["gt_instances"],
-              "per_class": per_class, "masking_s": time.time() - t0, "pseudo_config": VARIANTS[variant]}
+              "per_class": per_class, "masking_s": time.time() - t0, "pseudo_config": VARIANTS[variant],
+              "classifier_map": _classifier_map(base), "failures": failures,
+              "failures_all": {k: sum(f[k] for f in failures.values()) for k in FAILURES}}
     _save(path, result)
     return result
 
@@ -286,12 +357,13 @@ def full_cell(out: str, variant: str, world: str, seed: int) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    base = base_folder(out, world, seed)
+    base = base_folder(out, world, seed, VARIANTS[variant].get("classifier"))
     run = os.path.join(out, "runs", variant, f"{world}-s{seed}")
     shared = ("world", os.path.join("data", "train"), os.path.join("data", "val"), "web",
               os.path.join("data", "crawl"), "classifier")
     _link_stages(base, run, SHARED_STAGES, shared)
-    full_home = os.path.join(base, "full")  # where the true-mask model of this (world, seed) lives
+    # where the true-mask model of this (world, seed) lives: it does not depend on the classifier
+    full_home = os.path.join(base_folder(out, world, seed), "full")
     if os.path.exists(os.path.join(full_home, "stages", "eval_full.json")):
         _link_stages(full_home, run, FULL_STAGES, (os.path.join("models", "full"), os.path.join("reports", "full")))
     recipe = _write_yaml(cell_recipe(world, seed, VARIANTS[variant]), os.path.join(run, "recipe.yaml"))
@@ -368,6 +440,11 @@ def _pseudo_table(cells: list[dict], lines: list[str]) -> dict:
     lines.append(f"| **all** | {sum(c['gt'] for c in cells)} | {_fmt(row['recall'])} | {_fmt(row['precision'])} | "
                  f"{_fmt(row['abo'])} | {_fmt(row['per_object'])} | {_fmt(row['recall75'])} |")
     out["all"] = row
+    out["classifier_map"] = _stats([c.get("classifier_map") for c in cells])
+    lines.append(f"\nclassifier held-out mAP: {_fmt(out['classifier_map'])}")
+    gt = sum(c["gt"] for c in cells)
+    out["failures"] = {k: sum(c["failures_all"][k] for c in cells) / gt for k in FAILURES}
+    lines.append("true objects, summed over seeds: " + ", ".join(f"{k} {v:.2f}" for k, v in out["failures"].items()))
     return out
 
 

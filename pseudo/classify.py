@@ -65,6 +65,9 @@ class ClassifyConfig:
     lr: float = field(default=0.01, metadata={"help": "SGD learning rate of the class-response head"})
     backbone_lr_scale: Optional[float] = field(default=None, metadata={
         "help": "backbone lr = lr x this (default 0.01 from pretrained weights, as PRM; 1 from scratch)"})
+    lr_steps: list[int] = field(default_factory=list, metadata={
+        "help": "epochs (0-based) from which the lr is multiplied by --lr-gamma once more (default: none, a constant lr)"})
+    lr_gamma: float = field(default=0.1, metadata={"help": "lr factor at each of --lr-steps"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay"})
     image_size: int = field(default=448, metadata={"help": "training and evaluation image side (pixels)"})
@@ -114,6 +117,9 @@ class ClassifyConfig:
             raise ValueError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if self.lr <= 0 or (self.backbone_lr_scale is not None and self.backbone_lr_scale < 0):
             raise ValueError("--lr must be > 0 and --backbone-lr-scale >= 0")
+        if not 0.0 < self.lr_gamma <= 1.0 or any(not 0 < e < self.epochs for e in self.lr_steps):
+            raise ValueError(f"--lr-gamma must be in (0, 1] and every --lr-steps epoch in 1..{self.epochs - 1} "
+                             f"(--epochs {self.epochs}), got {self.lr_gamma} and {self.lr_steps}")
         if self.cpus_per_worker <= 0 or self.loader_workers < 0 or self.max_failures < -1:
             raise ValueError("--cpus-per-worker must be > 0, --loader-workers >= 0, --max-failures >= -1")
 
@@ -354,7 +360,19 @@ def build_optimizer(model: PeakClassifier, lc: dict) -> torch.optim.Optimizer:
         scale = 0.01 if model.frozen_bn else 1.0
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lc["lr"] * scale},
               {"params": list(model.head.parameters()), "lr": lc["lr"]}]
+    for g in groups:
+        g["base_lr"] = g["lr"]
     return torch.optim.SGD(groups, lr=lc["lr"], momentum=lc["momentum"], weight_decay=lc["weight_decay"])
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, epoch: int, lc: dict) -> float:
+    """Step decay: each group's lr is its base lr x lr_gamma per --lr-steps epoch reached. Set from the epoch
+    number, not from the optimizer's state, so a run resumed from a checkpoint gets the same schedule.
+    Returns the factor."""
+    factor = lc["lr_gamma"] ** sum(epoch >= s for s in lc["lr_steps"])
+    for g in optimizer.param_groups:
+        g["lr"] = g.setdefault("base_lr", g["lr"]) * factor  # checkpoints from before the schedule lack it
+    return factor
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -432,6 +450,7 @@ def train_loop(lc: dict) -> None:
             if dist.is_available() and dist.is_initialized():
                 dist.barrier()
             raise RuntimeError(f"injected failure at the start of epoch {epoch} (fail_at_epoch)")
+        lr_factor = set_epoch_lr(optimizer, epoch, lc)
         t0 = time.time()
         stream = ShardStream(lc["data"], classes, held, False,
                              train_transform(lc["image_size"], lc["crop_scale"]), train=True,
@@ -446,7 +465,8 @@ def train_loop(lc: dict) -> None:
         train_time = time.time() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "attempt_start_epoch": start_epoch, "steps": steps,
                                    "loss": float(loss_sum[0] / loss_sum[1]),
-                                   "images_per_s": float(loss_sum[1]) / train_time, "train_time_s": train_time}
+                                   "images_per_s": float(loss_sum[1]) / train_time, "train_time_s": train_time,
+                                   "lr": lc["lr"] * lr_factor}
         if rank == 0:
             val = ShardStream(val_data, classes, held, True, eval_transform(lc["image_size"]), train=False)
             result = evaluate(net, DataLoader(val, batch_size=lc["batch_size"]), classes, device)

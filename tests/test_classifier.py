@@ -197,7 +197,8 @@ def test_two_worker_training_survives_a_failure_and_a_rerun(ray_local, world_sha
 
     out = str(tmp_path / "run")
     cfg = dict(data=world_shards["train"], val_data=world_shards["val"], out=out, backbone="tiny",
-               backbone_weights="none", image_size=64, batch_size=4, steps_per_epoch=2, workers=2)
+               backbone_weights="none", image_size=64, batch_size=4, steps_per_epoch=2, workers=2,
+               lr_steps=[1], lr_gamma=0.5)
     # a worker error at the start of epoch 1: Ray restarts the workers from the epoch-0 checkpoint
     summary = run_classify(ClassifyConfig(**cfg, epochs=2, fail_at_epoch=1, max_failures=1))
     assert summary["epochs_done"] == 2 and summary["classes"] == world_shards["classes"]
@@ -211,6 +212,8 @@ def test_two_worker_training_survives_a_failure_and_a_rerun(ray_local, world_sha
     summary = run_classify(ClassifyConfig(**{**cfg, "workers": 1}, epochs=3))
     assert summary["epochs_done"] == 3
     assert [(r["epoch"], r["attempt_start_epoch"]) for r in _records(out)] == [(0, 0), (1, 1), (2, 2)]
+    # the step schedule follows the epoch number across the restart and the rerun
+    assert [r["lr"] for r in _records(out)] == pytest.approx([0.01, 0.005, 0.005])
     model, classes, config = load_classifier(out)
     assert classes == world_shards["classes"] and config["epochs"] == 3
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, len(classes))
@@ -218,6 +221,33 @@ def test_two_worker_training_survives_a_failure_and_a_rerun(ray_local, world_sha
     # a different run into the same folder is refused before anything is overwritten
     with pytest.raises(ValueError, match="different backbone"):
         run_classify(ClassifyConfig(**{**cfg, "backbone": "resnet18"}, epochs=3))
+
+
+def test_lr_steps_decay_every_group_from_its_own_base_and_survive_a_checkpoint():
+    import dataclasses
+
+    from maskless.pseudo.classify import ClassifyConfig, build_optimizer, set_epoch_lr
+
+    cfg = ClassifyConfig(data="d", out="o", backbone="tiny", backbone_weights="none", image_size=64, epochs=6,
+                         lr=0.1, backbone_lr_scale=0.5, lr_steps=[2, 4], lr_gamma=0.1)
+    cfg.validate()
+    lc = dataclasses.asdict(cfg)
+    model = build_classifier(3, "tiny", "none")
+    optimizer = build_optimizer(model, lc)
+    seen = []
+    for epoch in range(6):
+        set_epoch_lr(optimizer, epoch, lc)
+        seen.append(np.array([g["lr"] for g in optimizer.param_groups]))  # [backbone, head]
+    expected = [[0.05, 0.1]] * 2 + [[0.005, 0.01]] * 2 + [[0.0005, 0.001]] * 2
+    np.testing.assert_allclose(np.stack(seen), expected, rtol=1e-9)
+    # resumed at epoch 3 from a checkpoint saved at epoch 2's decayed lr: the schedule, not the saved lr, decides
+    resumed = build_optimizer(build_classifier(3, "tiny", "none"), lc)
+    resumed.load_state_dict(optimizer.state_dict())
+    set_epoch_lr(resumed, 3, lc)
+    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.005, 0.01])
+    for bad in ({"lr_steps": [6]}, {"lr_steps": [0]}, {"lr_gamma": 0.0}, {"lr_gamma": 1.5}):
+        with pytest.raises(ValueError, match="--lr-gamma must be in"):
+            dataclasses.replace(cfg, **bad).validate()
 
 
 def test_shard_stream_partitions_one_shard_by_units(world_shards, tmp_path):
