@@ -554,6 +554,12 @@ def test_shared_pacer_books_through_the_actor_and_survives_losing_it(ray_local, 
     first, second = SharedPacer(actor), SharedPacer(actor)  # two tasks
     assert first("h", 30.0) == 0.0 and 29.0 < second("h", 30.0) <= 30.0  # one book for both
     ray_local.kill(actor)
+    # ray.kill only asks: a call made at once may still reach the actor (it once booked "h" at +60 s),
+    # so wait until the actor answers no more (another host's booking, which "h" does not see)
+    with pytest.raises(ray_local.exceptions.RayActorError):
+        for _ in range(200):
+            ray_local.get(actor.reserve.remote("probe", 0.0), timeout=10)
+            time.sleep(0.05)
     assert second("h", 30.0) == 0.0  # its own book from now on: a unit is never lost to the pacer
     assert 29.0 < second("h", 30.0) <= 30.0 and "unreachable" in caplog.text
 
