@@ -189,11 +189,13 @@ def _failure_kinds(classes: list[str], gt: dict, pr, instances: list[dict]) -> l
 
     from maskless.core import masks as rle
 
+    masks = [i["mask"] for i in instances]
+    iou = rle.iou_matrix(masks, [g["mask"] for g in gt["instances"]])  # every mask x every object, once
     kinds = []
-    for g in gt["instances"]:
-        same = [i["mask"] for i in instances if i["class"] == g["class"]]
-        ious = rle.iou_matrix(same, [g["mask"]])[:, 0] if same else np.zeros(0)
-        if len(ious) and ious.max() >= 0.5:
+    for k, g in enumerate(gt["instances"]):
+        same = [d for d, i in enumerate(instances) if i["class"] == g["class"]]
+        best = max(same, key=lambda d: iou[d, k], default=None)
+        if best is not None and iou[best, k] >= 0.5:
             kinds.append("hit")
             continue
         truth = rle.decode(g["mask"]).astype(bool)
@@ -202,7 +204,7 @@ def _failure_kinds(classes: list[str], gt: dict, pr, instances: list[dict]) -> l
             # distance of every pixel to the object (0 inside it)
             away = cv2.distanceTransform((~truth).astype(np.uint8), cv2.DIST_L2, 5)
             kinds.append("peak_near" if any(away[pt] <= NEAR_PX for pt in points) else "no_peak")
-        elif len(ious) and rle.area(same[int(ious.argmax())]) > truth.sum():
+        elif best is not None and rle.area(masks[best]) > rle.area(g["mask"]):
             kinds.append("peak_mask_larger")
         else:
             kinds.append("peak_mask_smaller")
@@ -221,12 +223,12 @@ def pseudo_cell(out: str, variant: str, world: str, seed: int) -> dict:
     from maskless.pseudo.fidelity import FidelityAccumulator
 
     path = _result_path(out, "pseudo", variant, world, seed)
-    base = base_folder(out, world, seed, VARIANTS[variant].get("classifier"))
     if os.path.exists(path):
         with open(path) as f:
             result = json.load(f)
         if set(result.get("failures_all", ())) == set(FAILURES):
             return result  # else a cell from before these failure counts: masked again (seconds; deterministic)
+    base = base_folder(out, world, seed, VARIANTS[variant].get("classifier"))
     torch.set_num_threads(2)
     masker, _ = _masker(base, cell_recipe(world, seed, VARIANTS[variant])["pseudo"])
     items = cached_responses(base, masker)
