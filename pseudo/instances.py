@@ -195,6 +195,18 @@ class PseudoMasker:
             return None if picked is None else (proposals.mask(picked[0]), picked[1])
         return prm
 
+    def mask_images(self, images: list[np.ndarray], labels: list[list[str]],
+                    proposals: list[Proposals | None]) -> list[tuple[PeakResponses, list[dict]]]:
+        """(peak responses, instances) of each image: one forward pass for all of them, then peaks,
+        back-propagation and masks image by image. The Ray stage's actors and the benchmark's plain
+        processes both call this, so both measure the same work."""
+        x, crm = self.class_response_maps(images)
+        out = []
+        for j, (image, image_labels, props) in enumerate(zip(images, labels, proposals)):
+            responses = self.responses(image, image_labels, (x[j:j + 1], crm[j]))
+            out.append((responses, self.instances(responses, props)))
+        return out
+
     def __call__(self, image: np.ndarray, labels: list[str], proposals: Proposals | None,
                  forward: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
         return self.instances(self.responses(image, labels, forward), proposals)

@@ -223,6 +223,7 @@ class PseudoActor:
     """Ray Data actor: loads the classifier once, then masks and commits one unit per call."""
 
     def __init__(self, cfg: dict, device: str):
+        started = time.time()
         import cv2
         import ray
         import torch
@@ -237,6 +238,7 @@ class PseudoActor:
         self.source = make_source(self.cfg.proposals, self.cfg.objectness).name if self.cfg.needs_proposals else None
         ctx = ray.get_runtime_context()
         self.actor, self.node = ctx.get_actor_id() or f"pid{os.getpid()}", ctx.get_node_id()
+        self.started, self.ready = started, time.time()  # in every unit's stats: how long the actor took to start
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
@@ -259,13 +261,12 @@ class PseudoActor:
             with shards.ShardWriter(cfg.out, unit.name) as writer:
                 for first in range(0, len(items), cfg.forward_batch):
                     chunk = items[first:first + cfg.forward_batch]
-                    x, crm = self.masker.class_response_maps([image for _, image, _ in chunk])
-                    for j, (s, image, props) in enumerate(chunk):
+                    masked = self.masker.mask_images(
+                        [image for _, image, _ in chunk], [s.labels for s, _, _ in chunk],
+                        [None if props is None else Proposals.from_bytes(props) for _, _, props in chunk])
+                    for (s, _, props), (responses, instances) in zip(chunk, masked):
                         if len(writer) == 1 and {unit.shard, unit.name} & set(cfg.fail_units):
                             self._inject_failure(unit.name)
-                        proposals = None if props is None else Proposals.from_bytes(props)
-                        responses = self.masker.responses(image, s.labels, (x[j:j + 1], crm[j]))
-                        instances = self.masker.instances(responses, proposals)
                         for label in set(s.labels) & set(self.masker.classes):
                             counts["images_labelled"][label] += 1
                         for p in responses.peaks:
@@ -288,7 +289,8 @@ class PseudoActor:
                 writer.commit({"stage": "pseudo", "input_shard": unit.shard, "input_samples": [unit.start, unit.stop],
                                "pseudo_instances": row["instances"], "images_without_instances": row["empty"],
                                "per_class": counts, **timing, "masking_seconds": row["seconds"], "finished": time.time(),
-                               "actor": self.actor, "node": self.node})
+                               "actor": self.actor, "node": self.node, "actor_started": self.started,
+                               "actor_ready": self.ready})
         except Exception as e:  # the writer aborted: no output shard; reported, and a rerun redoes it
             log.exception("unit %s failed", unit.name)
             row["error"] = f"{type(e).__name__}: {e}"
