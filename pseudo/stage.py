@@ -33,7 +33,8 @@ from maskless.core.resources import check_resources, gpu_stage_options, has_gpus
 from maskless.core.units import UNIT_SIZE, ShardPlan, Unit, plan_shard, unit_names
 from maskless.pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
 from maskless.pseudo.peak_response import RULES as RESPONSE_RULES
-from maskless.pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, cached_or_compute, make_source
+from maskless.pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, make_source
+from maskless.pseudo.reader import read_unit, unit_of
 from maskless.pseudo.refine import REFINERS
 from maskless.pseudo.retrieval import RULES, RetrievalOptions
 
@@ -136,6 +137,9 @@ class PseudoConfig:
     actor_cpus: float = field(default=0.5, metadata={
         "help": "logical CPUs per actor (fractional leaves room for Ray Data's tasks on small machines)"})
     threads: int = field(default=1, metadata={"help": "torch and OpenCV threads per actor"})
+    readers: Optional[int] = field(default=None, metadata={
+        "help": "CPU tasks reading units at once (decoding, proposals; default: one per actor, more with proposals "
+                "to compute)"})
     reader_cpus: float = field(default=0.5, metadata={
         "help": "logical CPUs per CPU task: cutting a shard into units, reading and decoding a unit's "
                 "images and computing their proposals"})
@@ -164,6 +168,11 @@ class PseudoConfig:
         shared = [f.name for f in dataclasses.fields(MaskerOptions) if f.name != "retrieval"]
         return MaskerOptions(**{n: getattr(self, n) for n in shared}, retrieval=retrieval)
 
+    def reader_count(self) -> int:
+        """Reading tasks at once: --readers, else one per actor (two with proposals to compute, which
+        cost as much as masking)."""
+        return self.readers or self.actors * (2 if self.needs_proposals else 1)
+
     def validate(self) -> None:
         for name in ("classifier", "data", "out"):
             if not getattr(self, name):
@@ -178,6 +187,8 @@ class PseudoConfig:
         if self.unit_size < 1 or self.forward_batch < 1:
             raise ValueError(f"--unit-size and --forward-batch must be >= 1, got {self.unit_size} and "
                              f"{self.forward_batch}")
+        if self.readers is not None and self.readers < 1:
+            raise ValueError(f"--readers must be >= 1, got {self.readers}")
         if self.actor_cpus <= 0 or self.reader_cpus <= 0 or self.gpus_per_actor <= 0:
             raise ValueError("--actor-cpus, --reader-cpus and --gpus-per-actor must be > 0")
         if self.fail_mode not in ("raise", "exit", "exit_always"):
@@ -192,31 +203,6 @@ class PseudoConfig:
         if same:
             raise ValueError("--out must differ from --data: the pseudo stage writes new shards")
         self.masker_options().validate()
-
-
-def _unit(row: dict[str, Any]) -> Unit:
-    return Unit(str(row["shard"]), str(row["tar"]), int(row["start"]), int(row["stop"]), (int(row["lo"]), int(row["hi"])))
-
-
-def read_unit(batch: dict[str, np.ndarray], source_name: str | None, objectness: str) -> dict[str, np.ndarray]:
-    """Ray Data task (CPU): one unit's samples, their decoded images and, when source_name is given,
-    their proposals, as one pickled [(sample, image, proposals npz bytes or None), ...]."""
-    source = make_source(source_name, objectness) if source_name else None
-    start, reused, payloads = time.time(), 0, []
-    for i in range(len(batch["unit"])):
-        items = []
-        for s in _unit({k: v[i] for k, v in batch.items()}).samples():
-            image = np.asarray(s.image())
-            props = None
-            if source is not None:
-                p, was_cached = cached_or_compute(source, image, s.extra)
-                reused += was_cached
-                props = p.to_bytes()
-            items.append((s, image, props))
-        payloads.append(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
-    n = len(payloads)
-    return {**batch, "payload": np.array(payloads, dtype=object), "proposals_reused": np.full(n, reused),
-            "read_started": np.full(n, start), "read_seconds": np.full(n, time.time() - start)}
 
 
 class PseudoActor:
@@ -245,8 +231,8 @@ class PseudoActor:
         for i in range(len(batch["unit"])):
             row = {k: v[i] for k, v in batch.items()}
             timing = {"proposals_reused": int(row["proposals_reused"]), "read_started": float(row["read_started"]),
-                      "read_seconds": round(float(row["read_seconds"]), 3)}
-            rows.append(self._unit(_unit(row), row["payload"], timing))
+                      "read_seconds": round(float(row["read_seconds"]), 3), "reader_pid": int(row["reader_pid"])}
+            rows.append(self._unit(unit_of(row), row["payload"], timing))
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
     def _unit(self, unit: Unit, payload: bytes, timing: dict) -> dict[str, Any]:
@@ -402,22 +388,26 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
         items = [{"unit": u.name, "shard": u.shard, "tar": u.tar, "start": u.start, "stop": u.stop,
                   "lo": u.span[0], "hi": u.span[1]} for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per unit: any actor takes any
-        # with GPU actors the two steps differ in resources, so Ray Data keeps reading, decoding and
-        # proposals on CPU tasks; on CPU-only clusters it fuses them into the actors, which saves a copy
-        # and changes no result
+        # reading, decoding and proposals on CPU tasks (pseudo/reader.py), at most cfg.reader_count() at
+        # once: uncapped, Ray Data started one new worker process per unit at the start, and on 2 cores
+        # seven readers, its own actors and the masking actor starting together put the first unit
+        # 38-48 s after the stage began (BENCHMARKS.md); capped, Ray reuses the readers' processes
         ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.reader_cpus,
+                            compute=ray.data.TaskPoolStrategy(size=min(cfg.reader_count(), len(todo))),
                             fn_kwargs={"source_name": cfg.proposals if cfg.needs_proposals else None,
                                        "objectness": cfg.objectness})
         # Ray Data restarts a dead actor without limit and by default retries its task without limit:
         # a unit that kills its actor every time would loop forever, so its retries are bounded. In
         # Ray 2.60 max_task_retries can only go through the deprecated **ray_remote_args (hence the
-        # pin below 2.64 in pyproject.toml and the silenced deprecation warning). Two units in flight
-        # per actor: the next one waits in the actor's queue, and no actor hoards the last units.
+        # pin below 2.64 in pyproject.toml and the silenced deprecation warning). One unit in flight
+        # per actor: with two, a unit waited in one actor's queue while the other actor had none (128 vs
+        # 72 images of 200 on two actors); the next unit's images are read ahead by the readers, so the
+        # actor waits only for the dispatch (BENCHMARKS.md, pseudo).
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
             ds = ds.map_batches(PseudoActor, batch_size=1,
                                 compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo)),
-                                                                   max_tasks_in_flight_per_actor=2),
+                                                                   max_tasks_in_flight_per_actor=1),
                                 **gpu_stage_options(cfg.actor_cpus, cfg.gpus_per_actor if use_gpu else 0,
                                                     cfg.resources),
                                 max_task_retries=cfg.unit_retries,

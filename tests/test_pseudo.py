@@ -450,8 +450,10 @@ def test_one_input_shard_is_cut_into_units_for_every_actor(ray_local, world_shar
     data, out = str(tmp_path / "one"), str(tmp_path / "out")
     (name,) = _dataset(data, [samples], world_shards["classes"])
     summary = run_pseudo(PseudoConfig(classifier=classifier_file, data=data, out=out, actors=2, unit_size=2,
-                                      max_peaks=2))
+                                      max_peaks=2, readers=1))
     starts = range(0, len(samples), 2)
+    # --readers 1: the nine units were read one at a time, by one reader process that Ray reused
+    assert len({st["reader_pid"] for st in shards.read_stats(out)}) == 1
     assert summary["input_shards"] == 1 and summary["units"] == len(starts) == 9 and summary["failed"] == {}
     assert shards.shard_names(out) == [f"{name}_{a:06d}-{a + 2:06d}" for a in starts]
     per_actor = summary["per_actor"]
@@ -567,6 +569,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, classifier_file):
         PseudoConfig(classifier="c", data="a", out="b", cache_proposals=True).validate()
     with pytest.raises(ValueError, match="unit-size"):
         PseudoConfig(classifier="c", data="a", out="b", unit_size=0).validate()
+    with pytest.raises(ValueError, match="--readers"):
+        PseudoConfig(classifier="c", data="a", out="b", readers=0).validate()
     with pytest.raises(FileNotFoundError, match="no complete shard"):
         os.makedirs(tmp_path / "empty")
         run_pseudo(PseudoConfig(classifier=classifier_file, data=str(tmp_path / "empty"), out=str(tmp_path / "o")))
