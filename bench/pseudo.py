@@ -145,8 +145,8 @@ def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int,
         finally:
             ray.shutdown()
         stats = shards.read_stats(dest)
-        first = min(s["read_started"] for s in stats)
-        span = max(s["finished"] for s in stats) - first
+        first, last = min(s["read_started"] for s in stats), max(s["finished"] for s in stats)
+        span = last - first
         # when each actor's first unit was read, after the stage's first: a late actor's start is time
         # the window counts and no actor's busy time does
         lag, start_up = {}, {}
@@ -156,7 +156,7 @@ def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int,
             start_up[s["actor"]] = [round(s["actor_started"] - t, 2), round(s["actor_ready"] - t, 2)]
         # from the first actor's constructor end: the start-up of Ray Data and of the actors left out,
         # which reading (now ahead of the actors) would otherwise put inside the window
-        ready_span = max(s["finished"] for s in stats) - min(s["actor_ready"] for s in stats)
+        ready_span = last - min(s["actor_ready"] for s in stats)
         result[actors] = {"images": summary["images"], "units": summary["units"], "wall_s": wall,
                           "images_per_s_from_actor_ready": summary["images"] / ready_span,
                           "images_per_s_end_to_end": summary["images"] / wall,

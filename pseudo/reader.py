@@ -17,8 +17,14 @@ from maskless.core.units import Unit
 from maskless.pseudo.proposals import cached_or_compute, make_source
 
 
+def unit_row(u: Unit) -> dict[str, Any]:
+    """A unit as a Ray Data row (plain values); unit_of reads it back."""
+    return {"unit": u.name, "shard": u.shard, "tar": u.tar, "start": u.start, "stop": u.stop,
+            "lo": u.span[0], "hi": u.span[1]}
+
+
 def unit_of(row: dict[str, Any]) -> Unit:
-    """The Unit a Ray Data row describes (run_pseudo's items)."""
+    """The Unit a Ray Data row (unit_row) describes."""
     return Unit(str(row["shard"]), str(row["tar"]), int(row["start"]), int(row["stop"]), (int(row["lo"]), int(row["hi"])))
 
 

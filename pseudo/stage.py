@@ -34,7 +34,7 @@ from maskless.core.units import UNIT_SIZE, ShardPlan, Unit, plan_shard, unit_nam
 from maskless.pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
 from maskless.pseudo.peak_response import RULES as RESPONSE_RULES
 from maskless.pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, make_source
-from maskless.pseudo.reader import read_unit, unit_of
+from maskless.pseudo.reader import read_unit, unit_of, unit_row
 from maskless.pseudo.refine import REFINERS
 from maskless.pseudo.retrieval import RULES, RetrievalOptions
 
@@ -385,8 +385,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     if todo:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = sys.stderr.isatty()
-        items = [{"unit": u.name, "shard": u.shard, "tar": u.tar, "start": u.start, "stop": u.stop,
-                  "lo": u.span[0], "hi": u.span[1]} for u in todo]
+        items = [unit_row(u) for u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per unit: any actor takes any
         # reading, decoding and proposals on CPU tasks (pseudo/reader.py), at most cfg.reader_count() at
         # once: uncapped, Ray Data started one new worker process per unit at the start, and on 2 cores
