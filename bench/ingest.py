@@ -31,6 +31,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import resource
 import shutil
 import socket
@@ -244,18 +245,35 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def process_title(pid: int, root: int) -> str:
+    """A short name for a process of the tree: "driver", a Ray worker's title up to its method
+    ("ray::PseudoActor"), or the program (and script) it runs."""
+    if pid == root:
+        return "driver"
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    if argv and argv[0].startswith("ray::"):
+        return re.split(r"[.(\s]", argv[0], maxsplit=1)[0]
+    scripts = [os.path.basename(a) for a in argv[1:3] if a.endswith(".py")]
+    return " ".join([os.path.basename(argv[0]) if argv else "?"] + scripts[:1])
+
+
 class TreeCPU:
     """CPU seconds of a process and all its descendants (Ray's raylet, workers...), sampled twice a
     second while it runs: a measure of work that, unlike images/s, other jobs on the cores barely
-    change. A process loses the CPU it used after its last sample (at most half a second's worth)."""
+    change. A process loses the CPU it used after its last sample (at most half a second's worth).
+    `by_title()` gives the CPU each kind of process used while watched (processes already running at
+    the first sample count from there)."""
 
     def __init__(self, interval: float = 0.5):
-        self.interval, self.seen = interval, {}
+        self.interval, self.seen, self.start, self.titles = interval, {}, {}, {}
         self._stop = threading.Event()
 
     def watch(self, root: int) -> None:
+        self._first = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(root,), daemon=True)
         self._thread.start()
+        self._first.wait()
 
     def _run(self, root: int) -> None:
         while not self._stop.is_set():
@@ -263,16 +281,29 @@ class TreeCPU:
             while todo:
                 pid = todo.pop()
                 try:
-                    self.seen[pid] = max(self.seen.get(pid, 0.0), cpu_seconds(pid))
+                    cpu = cpu_seconds(pid)
+                    title = process_title(pid, root)
                 except (OSError, IndexError):
                     continue
+                if not self._first.is_set():
+                    self.start[pid] = cpu
+                self.seen[pid] = max(self.seen.get(pid, 0.0), cpu)
+                if title != "ray::IDLE" or pid not in self.titles:  # an idle worker keeps its last task's name
+                    self.titles[pid] = title
                 todo += _children(pid)
+            self._first.set()
             self._stop.wait(self.interval)
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
         return sum(self.seen.values())
+
+    def by_title(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, cpu in self.seen.items():
+            out[self.titles[pid]] = out.get(self.titles[pid], 0.0) + cpu - self.start.get(pid, 0.0)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def run_watched(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float, float]:

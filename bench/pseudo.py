@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bench.common import write_result
+from bench.ingest import TreeCPU
 from maskless.core import shards
 from maskless.core.units import UNIT_SIZE
 from maskless.pseudo.classifier import load_classifier
@@ -138,12 +139,16 @@ def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int,
         init_ray(num_cpus=4)
         try:
             load_before = os.getloadavg()[0]
+            tree = TreeCPU()  # this process and its descendants: Ray's processes, the actors, the readers
+            tree.watch(os.getpid())
             t = time.time()
             summary = run_pseudo(PseudoConfig(classifier=run, data=data, out=dest, actors=actors, unit_size=unit_size,
                                               **cfg_kw))
             wall = time.time() - t
+            tree.stop()
         finally:
             ray.shutdown()
+        cpu = {k: round(v, 2) for k, v in tree.by_title().items() if v >= 0.05}
         stats = shards.read_stats(dest)
         first, last = min(s["read_started"] for s in stats), max(s["finished"] for s in stats)
         span = last - first
@@ -165,6 +170,7 @@ def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int,
                           "per_actor": {k: {**v, "first_unit_after_s": round(lag.get(k, float("nan")), 2),
                                             "constructor_s_after_start": start_up.get(k)}
                                         for k, v in summary["per_actor"].items()},
+                          "cpu_s_by_process": cpu, "cpu_s": round(sum(cpu.values()), 2),
                           "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     result["efficiency"] = result[2]["images_per_s"] / (2 * result[1]["images_per_s"])
     result["efficiency_from_actor_ready"] = (result[2]["images_per_s_from_actor_ready"]
@@ -306,6 +312,10 @@ def main() -> None:
                          "value": tp[a]["first_read_after_s"], "unit": "s"})
             rows.append({"metric": f"{a} CPU actor(s): window, first unit read to last committed",
                          "value": tp[a]["window_s"], "unit": "s"})
+            rows.append({"metric": f"{a} CPU actor(s): CPU seconds in the stage, all processes (wall {tp[a]['wall_s']:.1f} s)",
+                         "value": tp[a]["cpu_s"], "unit": "s"})
+            rows += [{"metric": f"{a} CPU actor(s): CPU seconds of {name}", "value": v, "unit": "s"}
+                     for name, v in tp[a]["cpu_s_by_process"].items()]
             rows.append({"metric": f"{a} CPU actor(s): 1-min load average before, after", "unit": "",
                          "value": " / ".join(map(str, tp[a]["load_1min_before_after"]))})
         rows.append({"metric": f"1 -> 2 actor scaling efficiency, one shard of {len(samples)}",
