@@ -829,6 +829,31 @@ def test_trickling_headers_are_cut_at_the_request_deadline(serve, tmp_path):
     assert record["rejected"] == {"timeout": 1} and seconds < 7.0, (record["rejected"], seconds)
 
 
+def test_a_shorter_deadline_set_after_a_longer_one_still_expires_on_time():
+    """The watchdog sleeps until its earliest deadline and is woken only when a new one is earlier:
+    a 0.3 s deadline set while a 30 s one is watched must not wait for the 30 s."""
+    from maskless.ingest.deadline import Deadlines
+
+    long, short = Deadlines(30.0), Deadlines(0.3)
+    seen = {}
+
+    def hold(deadlines, name):
+        with deadlines.request() as d:
+            t0 = time.monotonic()
+            while not d.expired and time.monotonic() - t0 < 5.0:
+                time.sleep(0.01)
+            seen[name] = (d.expired, time.monotonic() - t0)
+
+    first = threading.Thread(target=hold, args=(long, "long"), daemon=True)
+    first.start()
+    time.sleep(0.2)  # the 30 s deadline is the watchdog's earliest now
+    hold(short, "short")
+    assert seen["short"][0] and seen["short"][1] < 2.0, seen
+    long.cancel()
+    first.join(5.0)
+    assert seen["long"][0] and seen["long"][1] < 5.0, seen  # ended by cancel, not by its 30 s
+
+
 def test_an_idle_stop_ends_the_requests_in_flight(serve, tmp_path):
     """The issue's reproduction, shortened: a body at 1 byte per 0.5 s held its unit until the body
     ended (45 bytes at 1 byte/s: 45 s) whatever --unit-idle-timeout said."""
