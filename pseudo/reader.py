@@ -1,4 +1,4 @@
-"""The pseudo stage's reading step (a Ray Data CPU task): one unit's samples, decoded, with their
+"""The pseudo stage's reading step (a Ray CPU task): one unit's samples, decoded, with their
 proposals when the rule needs them, pickled for the masking actors.
 
 Kept out of pseudo/stage.py, which imports torch through the masker: a reader process imports only
@@ -18,33 +18,29 @@ from maskless.pseudo.proposals import cached_or_compute, make_source
 
 
 def unit_row(u: Unit) -> dict[str, Any]:
-    """A unit as a Ray Data row (plain values); unit_of reads it back."""
+    """A unit as plain values (what a reading task is given); unit_of reads it back."""
     return {"unit": u.name, "shard": u.shard, "tar": u.tar, "start": u.start, "stop": u.stop,
             "lo": u.span[0], "hi": u.span[1]}
 
 
 def unit_of(row: dict[str, Any]) -> Unit:
-    """The Unit a Ray Data row (unit_row) describes."""
+    """The Unit a row (unit_row) describes."""
     return Unit(str(row["shard"]), str(row["tar"]), int(row["start"]), int(row["stop"]), (int(row["lo"]), int(row["hi"])))
 
 
-def read_unit(batch: dict[str, np.ndarray], source_name: str | None, objectness: str) -> dict[str, np.ndarray]:
-    """One unit's samples, their decoded images and, when source_name is given, their proposals, as one
-    pickled [(sample, image, proposals npz bytes or None), ...]; with when and in which process it was read."""
+def read_unit(row: dict[str, Any], source_name: str | None, objectness: str) -> dict[str, Any]:
+    """One unit (a unit_row) read: its samples, their decoded images and, when source_name is given,
+    their proposals, as one pickled [(sample, image, proposals npz bytes or None), ...] (the actor gets
+    writable arrays back); with when and in which process it was read."""
     source = make_source(source_name, objectness) if source_name else None
-    start, reused, payloads = time.time(), 0, []
-    for i in range(len(batch["unit"])):
-        items = []
-        for s in unit_of({k: v[i] for k, v in batch.items()}).samples():
-            image = np.asarray(s.image())
-            props = None
-            if source is not None:
-                p, was_cached = cached_or_compute(source, image, s.extra)
-                reused += was_cached
-                props = p.to_bytes()
-            items.append((s, image, props))
-        payloads.append(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
-    n = len(payloads)
-    return {**batch, "payload": np.array(payloads, dtype=object), "proposals_reused": np.full(n, reused),
-            "read_started": np.full(n, start), "read_seconds": np.full(n, time.time() - start),
-            "reader_pid": np.full(n, os.getpid())}
+    start, reused, items = time.time(), 0, []
+    for s in unit_of(row).samples():
+        image = np.asarray(s.image())
+        props = None
+        if source is not None:
+            p, was_cached = cached_or_compute(source, image, s.extra)
+            reused += was_cached
+            props = p.to_bytes()
+        items.append((s, image, props))
+    return {**row, "payload": pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL), "proposals_reused": reused,
+            "read_started": start, "read_seconds": time.time() - start, "reader_pid": os.getpid()}

@@ -4,11 +4,11 @@ Unit of work = a slice of at most --unit-size samples of one input shard (core/u
 the input's sharding, so every actor has work while units remain: one output shard per unit, named
 `INPUT_START-STOP` after the input shard and the samples it holds. The driver cuts the shards into
 units with CPU tasks (tar headers only) and records the cut and a digest of every input shard's keys
-in OUT/pseudo.units.json. Ray Data then carries one block per unit: a CPU task reads the unit's bytes
-of the input tar (one ranged read), decodes its images and computes their proposals when the rule
-needs them, so a GPU actor never waits on that; an actor pool (`ActorPoolStrategy`) of classifier
-actors, each loading the checkpoint once, runs the classifier forward on batches of the unit's
-images, the peaks and their back-propagation per image, and commits the unit through `ShardWriter`.
+in OUT/pseudo.units.json. Per unit a Ray CPU task reads the unit's bytes of the input tar (one ranged
+read), decodes its images and computes their proposals when the rule needs them, so a GPU actor never
+waits on that; one of --actors classifier actors, each loading the checkpoint once, runs the classifier
+forward on batches of the unit's images, the peaks and their back-propagation per image, and commits
+the unit through `ShardWriter` (run_units schedules them).
 The tar is renamed into place last, so a killed actor leaves no output shard, only a hidden
 temporary file; Ray restarts the actor and retries the unit, and a rerun skips every unit whose tar
 exists, after checking that the input shards its committed units came from still hold the same samples.
@@ -21,12 +21,9 @@ import os
 import pickle
 import sys
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
-
-import numpy as np
 
 from maskless.core import shards, storage
 from maskless.core.resources import check_resources, gpu_stage_options, has_gpus
@@ -206,7 +203,7 @@ class PseudoConfig:
 
 
 class PseudoActor:
-    """Ray Data actor: loads the classifier once, then masks and commits one unit per call."""
+    """Ray actor: loads the classifier once, then masks and commits one unit per call."""
 
     def __init__(self, cfg: dict, device: str):
         started = time.time()
@@ -226,14 +223,11 @@ class PseudoActor:
         self.actor, self.node = ctx.get_actor_id() or f"pid{os.getpid()}", ctx.get_node_id()
         self.started, self.ready = started, time.time()  # in every unit's stats: how long the actor took to start
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = []
-        for i in range(len(batch["unit"])):
-            row = {k: v[i] for k, v in batch.items()}
-            timing = {"proposals_reused": int(row["proposals_reused"]), "read_started": float(row["read_started"]),
-                      "read_seconds": round(float(row["read_seconds"]), 3), "reader_pid": int(row["reader_pid"])}
-            rows.append(self._unit(unit_of(row), row["payload"], timing))
-        return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    def mask(self, read: dict[str, Any]) -> dict[str, Any]:
+        """One unit as its reading task returned it (pseudo/reader.py) -> its result row."""
+        timing = {"proposals_reused": int(read["proposals_reused"]), "read_started": float(read["read_started"]),
+                  "read_seconds": round(float(read["read_seconds"]), 3), "reader_pid": int(read["reader_pid"])}
+        return self._unit(unit_of(read), read["payload"], timing)
 
     def _unit(self, unit: Unit, payload: bytes, timing: dict) -> dict[str, Any]:
         cfg, start = self.cfg, time.time()
@@ -352,6 +346,79 @@ def actor_rates(rows: list[dict]) -> dict[str, dict]:
             for k, v in per.items() if v["busy_s"] > 0}
 
 
+def _failed_row(unit: Unit, error: Exception, retries: int) -> dict[str, Any]:
+    """The result row of a unit whose reading task failed or whose actor died on every attempt."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError):  # the reader's (or actor's) own exception, without Ray's traceback
+        cause = error.cause if error.cause is not None else error
+        why = f"{type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}"
+    else:
+        why = (f"its actor was lost on all {retries + 1} attempts (--unit-retries {retries}); last: "
+               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    return {"unit": unit.name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": why,
+            "actor": "", "node": ""}
+
+
+def run_units(cfg: PseudoConfig, todo: list[Unit], use_gpu: bool) -> list[dict]:
+    """Every unit of `todo` read by a CPU task and masked by one of `cfg.actors` actors; their result rows.
+
+    Plain Ray tasks and actors, scheduled here: one unit in flight per actor, so no unit waits in one
+    actor's queue while another actor has none; at most `cfg.reader_count()` reading tasks at once and
+    as many units read ahead, so an actor's next unit is decoded before it asks (a GPU actor never waits
+    on CPU work) and the driver's memory holds a few units, not the dataset. (Through Ray Data the same
+    pipeline cost a tenth of the 2-core machine in its own actors and executor loop, and the actors ran
+    8-9 % slower beside each other: BENCHMARKS.md, pseudo.) A killed actor is restarted by Ray and its
+    unit retried, at most `cfg.unit_retries` times; a unit that then still fails, or whose reading failed,
+    gets an error row and the other units go on."""
+    import ray
+    from tqdm import tqdm
+
+    readers = min(cfg.reader_count(), len(todo))
+    read = ray.remote(read_unit).options(num_cpus=cfg.reader_cpus, scheduling_strategy="SPREAD")
+    actor_cls = ray.remote(PseudoActor).options(
+        **gpu_stage_options(cfg.actor_cpus, cfg.gpus_per_actor if use_gpu else 0, cfg.resources),
+        max_restarts=-1, max_task_retries=cfg.unit_retries, scheduling_strategy="SPREAD")
+    actors = [actor_cls.remote(dataclasses.asdict(cfg), "cuda" if use_gpu else "cpu")
+              for _ in range(min(cfg.actors, len(todo)))]
+    source = cfg.proposals if cfg.needs_proposals else None
+    waiting = list(reversed(todo))      # not read yet, next last
+    ready: list[tuple[Unit, Any]] = []  # (unit, its reading task) read ahead, oldest first
+    reading: set = set()                # reading tasks not known to have finished
+    masking: dict = {}                  # an actor's call -> (actor, unit)
+    free, rows = list(actors), []
+    bar = tqdm(total=sum(len(u) for u in todo), unit="img", desc="pseudo", disable=not sys.stderr.isatty())
+    try:
+        while waiting or ready or masking:
+            while waiting and len(reading) < readers and len(ready) < readers:
+                unit = waiting.pop()
+                ref = read.remote(unit_row(unit), source, cfg.objectness)
+                reading.add(ref)
+                ready.append((unit, ref))
+            while free and ready:
+                unit, ref = ready.pop(0)
+                actor = free.pop()
+                masking[actor.mask.remote(ref)] = (actor, unit)
+            (done,), _ = ray.wait(list(masking) + list(reading), num_returns=1)
+            if done in reading:
+                reading.discard(done)
+                continue
+            actor, unit = masking.pop(done)
+            free.append(actor)
+            try:
+                row = ray.get(done)
+            except ray.exceptions.RayError as e:  # its reading failed, or its actor died unit_retries + 1 times
+                row = _failed_row(unit, e, cfg.unit_retries)
+                log.error("pseudo: unit %s failed: %s", unit.name, row["error"])
+            rows.append(row)
+            bar.update(len(unit))
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return rows
+
+
 def run_pseudo(cfg: PseudoConfig) -> dict:
     """Pseudo masks for every input unit not yet in cfg.out; dataset.json once all are there.
     Ray must be initialised by the caller. Raises RuntimeError naming the units that failed (the
@@ -383,39 +450,10 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     rows: list[dict] = []
     crashed = ""
     if todo:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = sys.stderr.isatty()
-        items = [unit_row(u) for u in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per unit: any actor takes any
-        # reading, decoding and proposals on CPU tasks (pseudo/reader.py), at most cfg.reader_count() at
-        # once: uncapped, Ray Data started one new worker process per unit at the start, and on 2 cores
-        # seven readers, its own actors and the masking actor starting together put the first unit
-        # 38-48 s after the stage began (BENCHMARKS.md); capped, Ray reuses the readers' processes
-        ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.reader_cpus,
-                            compute=ray.data.TaskPoolStrategy(size=min(cfg.reader_count(), len(todo))),
-                            fn_kwargs={"source_name": cfg.proposals if cfg.needs_proposals else None,
-                                       "objectness": cfg.objectness})
-        # Ray Data restarts a dead actor without limit and by default retries its task without limit:
-        # a unit that kills its actor every time would loop forever, so its retries are bounded. In
-        # Ray 2.60 max_task_retries can only go through the deprecated **ray_remote_args (hence the
-        # pin below 2.64 in pyproject.toml and the silenced deprecation warning). One unit in flight
-        # per actor: with two, a unit waited in one actor's queue while the other actor had none (128 vs
-        # 72 images of 200 on two actors); the next unit's images are read ahead by the readers, so the
-        # actor waits only for the dispatch (BENCHMARKS.md, pseudo).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-            ds = ds.map_batches(PseudoActor, batch_size=1,
-                                compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(todo)),
-                                                                   max_tasks_in_flight_per_actor=1),
-                                **gpu_stage_options(cfg.actor_cpus, cfg.gpus_per_actor if use_gpu else 0,
-                                                    cfg.resources),
-                                max_task_retries=cfg.unit_retries,
-                                fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg),
-                                                       "device": "cuda" if use_gpu else "cpu"})
         try:
-            rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in ds.take_all()]
-        except Exception as e:  # any Ray Data error (e.g. a unit whose actor died more than unit_retries times)
-            log.error("pseudo: Ray Data stopped: %s", e)
+            rows = run_units(cfg, todo, use_gpu)
+        except ray.exceptions.RayError as e:  # Ray itself failed (the cluster went away): the committed units stay
+            log.error("pseudo: Ray stopped: %s", e)
             crashed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     failed = {r["unit"]: r["error"] for r in rows if r["error"]}
     proposals = cfg.proposals if cfg.needs_proposals else None

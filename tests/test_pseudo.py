@@ -363,7 +363,9 @@ def test_ray_stage_two_actors_failed_and_killed_units_rerun(ray_local, world_sha
     with pytest.raises(RuntimeError, match=cut):
         run_pseudo(PseudoConfig(**cfg, fail_units=[cut], fail_mode="exit_always", unit_retries=1))
     assert cut not in shards.shard_names(out)
-    assert json.load(open(os.path.join(out, "pseudo.summary.json")))["ray_error"]
+    summary = json.load(open(os.path.join(out, "pseudo.summary.json")))
+    assert list(summary["failed"]) == [cut] and "actor was lost on all 2 attempts" in summary["failed"][cut], summary["failed"]
+    assert summary["processed"] == 1 and set(shards.shard_names(out)) == every - {cut}  # the shard's other unit went on
 
     # the rerun does only the missing units; an actor process dies halfway through one, Ray restarts it, it is redone
     committed = set(shards.shard_names(out))
