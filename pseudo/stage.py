@@ -415,7 +415,10 @@ def run_units(cfg: PseudoConfig, todo: list[Unit], use_gpu: bool) -> list[dict]:
     finally:
         bar.close()
         for actor in actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception as e:  # Ray itself gone (the error being raised says why): nothing left to stop
+                log.debug("pseudo: could not stop an actor: %s", e)
     return rows
 
 
