@@ -68,6 +68,13 @@ VARIANTS: dict[str, dict] = {
     "cls-steps-30": {"classifier": "steps-30"},
     "cls-e80-steps-60": {"classifier": "e80-steps-60"},
     "cls-b8": {"classifier": "b8"},
+    # the 80-epoch classifier with the pseudo-mask levers that need no retraining
+    "cls-e80-input-256": {"classifier": "e80-steps-60", "input_size": 256},
+    "cls-e80-explain-3": {"classifier": "e80-steps-60", "explain_rounds": 3},
+    "cls-e80-peak-0.15": {"classifier": "e80-steps-60", "peak_threshold": 0.15},
+    "cls-e80-blur-0.015": {"classifier": "e80-steps-60", "response_blur": 0.015},  # masks that can follow a star's arms
+    "cls-e80-thr-0.25": {"classifier": "e80-steps-60", "response_threshold": 0.25},  # larger masks before GrabCut
+    "cls-e80-core-0.4": {"classifier": "e80-steps-60", "refine_core": 0.4},        # GrabCut's sure-object core larger
 }
 SHARED_STAGES = ("world", "import", "web", "crawl", "classify")
 FULL_STAGES = ("train_full", "eval_full")
