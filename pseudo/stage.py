@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from maskless.core import shards, storage
+from maskless.core import errors, shards, storage
 from maskless.core.resources import check_resources, gpu_stage_options, has_gpus
 from maskless.core.units import UNIT_SIZE, ShardPlan, Unit, plan_shard, unit_names
 from maskless.pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
@@ -424,8 +424,8 @@ def run_units(cfg: PseudoConfig, todo: list[Unit], use_gpu: bool) -> list[dict]:
 
 def run_pseudo(cfg: PseudoConfig) -> dict:
     """Pseudo masks for every input unit not yet in cfg.out; dataset.json once all are there.
-    Ray must be initialised by the caller. Raises RuntimeError naming the units that failed (the
-    others are committed; rerun to redo the failed ones), ValueError when cfg.out holds units of
+    Ray must be initialised by the caller. Raises errors.IncompleteRun naming the units that failed
+    (the others are committed; rerun to redo the failed ones; the CLI exits 2 with its message), ValueError when cfg.out holds units of
     other input samples."""
     import ray
 
@@ -483,7 +483,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
-        raise RuntimeError(f"pseudo: {len(missing)} unit(s) not written ({', '.join(missing[:20])}"
+        raise errors.IncompleteRun(f"pseudo: {len(missing)} unit(s) not written ({', '.join(missing[:20])}"
                            f"{', ...' if len(missing) > 20 else ''}): {failed or crashed or 'see the Ray logs'}; "
                            f"rerun the same command to redo them")
     info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
