@@ -132,7 +132,7 @@ class PseudoConfig:
         "help": "images per classifier forward pass in an actor (peaks and their back-propagation stay per image)"})
     actors: int = field(default=2, metadata={"help": "classifier actors in the pool"})
     actor_cpus: float = field(default=0.5, metadata={
-        "help": "logical CPUs per actor (fractional leaves room for Ray Data's tasks on small machines)"})
+        "help": "logical CPUs per actor (fractional leaves room for the reading tasks on small machines)"})
     threads: int = field(default=1, metadata={"help": "torch and OpenCV threads per actor"})
     readers: Optional[int] = field(default=None, metadata={
         "help": "CPU tasks reading units at once (decoding, proposals; default: one per actor, more with proposals "
@@ -231,8 +231,7 @@ class PseudoActor:
 
     def _unit(self, unit: Unit, payload: bytes, timing: dict) -> dict[str, Any]:
         cfg, start = self.cfg, time.time()
-        row = {"unit": unit.name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": "",
-               "actor": self.actor, "node": self.node}
+        row = _result_row(unit, actor=self.actor, node=self.node)
         if storage.exists(storage.join(cfg.out, unit.name + ".tar")):
             return row  # committed by an earlier attempt whose result was lost: never write it twice
         counts = {k: dict.fromkeys(self.masker.classes, 0) for k in CLASS_COUNTS}
@@ -346,18 +345,26 @@ def actor_rates(rows: list[dict]) -> dict[str, dict]:
             for k, v in per.items() if v["busy_s"] > 0}
 
 
+def _result_row(unit: Unit, actor: str = "", node: str = "", error: str = "") -> dict[str, Any]:
+    """A unit's result row before any sample of it is masked (the actor fills in the counts)."""
+    return {"unit": unit.name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": error,
+            "actor": actor, "node": node}
+
+
+def _one_line(e: BaseException, line: int = 0) -> str:
+    text = str(e).splitlines()
+    return f"{type(e).__name__}: {text[line] if text else ''}"
+
+
 def _failed_row(unit: Unit, error: Exception, retries: int) -> dict[str, Any]:
     """The result row of a unit whose reading task failed or whose actor died on every attempt."""
     import ray
 
     if isinstance(error, ray.exceptions.RayTaskError):  # the reader's (or actor's) own exception, without Ray's traceback
-        cause = error.cause if error.cause is not None else error
-        why = f"{type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}"
+        why = _one_line(error.cause if error.cause is not None else error, line=-1)
     else:
-        why = (f"its actor was lost on all {retries + 1} attempts (--unit-retries {retries}); last: "
-               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-    return {"unit": unit.name, "count": 0, "instances": 0, "empty": 0, "seconds": 0.0, "error": why,
-            "actor": "", "node": ""}
+        why = f"its actor was lost on all {retries + 1} attempts (--unit-retries {retries}); last: {_one_line(error)}"
+    return _result_row(unit, error=why)
 
 
 def run_units(cfg: PseudoConfig, todo: list[Unit], use_gpu: bool) -> list[dict]:
@@ -367,8 +374,8 @@ def run_units(cfg: PseudoConfig, todo: list[Unit], use_gpu: bool) -> list[dict]:
     actor's queue while another actor has none; at most `cfg.reader_count()` reading tasks at once and
     as many units read ahead, so an actor's next unit is decoded before it asks (a GPU actor never waits
     on CPU work) and the driver's memory holds a few units, not the dataset. (Through Ray Data the same
-    pipeline cost a tenth of the 2-core machine in its own actors and executor loop, and the actors ran
-    8-9 % slower beside each other: BENCHMARKS.md, pseudo.) A killed actor is restarted by Ray and its
+    pipeline also ran Ray Data's own actors and executor loop, about a fifth of a core on the 2-core
+    machine: BENCHMARKS.md, pseudo.) A killed actor is restarted by Ray and its
     unit retried, at most `cfg.unit_retries` times; a unit that then still fails, or whose reading failed,
     gets an error row and the other units go on."""
     import ray
@@ -457,7 +464,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
             rows = run_units(cfg, todo, use_gpu)
         except ray.exceptions.RayError as e:  # Ray itself failed (the cluster went away): the committed units stay
             log.error("pseudo: Ray stopped: %s", e)
-            crashed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            crashed = _one_line(e)
     failed = {r["unit"]: r["error"] for r in rows if r["error"]}
     proposals = cfg.proposals if cfg.needs_proposals else None
     written = set(shards.shard_names(cfg.out))
