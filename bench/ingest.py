@@ -4,7 +4,8 @@ beside the floor of the work itself.
 1. Makes --urls N distinct photo-like JPEGs (default 640 px on the longest side, deterministic:
    generated here, so a fresh clone needs nothing else), or takes them from --source (a folder of
    JPEGs, re-encoded as flipped/rotated/cropped variants until there are enough).
-2. Serves them on 127.0.0.1 with `python -m http.server` in its own process and writes a url,label CSV.
+2. Serves them on 127.0.0.1 in a process of its own (bench/image_server.py: listen backlog 1024, HTTP/1.1
+   keep-alive unless --protocol HTTP/1.0) and writes a url,label CSV.
 3. For each size, back to back on the same cores:
    - the floor: a plain multiprocessing pool of --processes over the same files, decoding, resizing
      (longest side --image-size, never up) and JPEG-encoding each, no network: once with PIL and
@@ -392,6 +393,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "maskless-bench-ingest"))
     ap.add_argument("--img2dataset-venv", default=DEFAULT_VENV)
     ap.add_argument("--no-img2dataset", action="store_true", help="skip the img2dataset row")
+    ap.add_argument("--protocol", default="HTTP/1.1", choices=("HTTP/1.0", "HTTP/1.1"),
+                    help="the image server's HTTP version: 1.1 keeps connections open, 1.0 closes each")
+    ap.add_argument("--backlog", type=int, default=1024,
+                    help="the image server's listen backlog (python -m http.server's is 5: SYNs dropped)")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=256)
@@ -409,8 +414,9 @@ def compare(args: argparse.Namespace) -> tuple[list[dict], dict]:
     if exe is None:
         print(f"bench.ingest: img2dataset row skipped: {why}", flush=True)
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", images_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "bench.image_server", str(port), images_dir, "--protocol",
+                               args.protocol, "--backlog", str(args.backlog)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows, raw = [], {}
     try:
         time.sleep(1.0)
@@ -421,7 +427,8 @@ def compare(args: argparse.Namespace) -> tuple[list[dict], dict]:
         server.terminate()
         server.wait()
     mb = sum(os.path.getsize(os.path.join(images_dir, n)) for n in names[:max(sizes)]) / 2**20
-    rows.insert(0, {"metric": "source images (loopback, python -m http.server)", "value": max(sizes),
+    rows.insert(0, {"metric": f"source images (loopback, bench/image_server.py, {args.protocol}, backlog "
+                              f"{args.backlog})", "value": max(sizes),
                     "unit": f"JPEGs, {mb:.0f} MiB, longest side {args.side if not args.source else 'as given'}"})
     if exe is None:
         rows.append({"metric": "img2dataset", "value": f"skipped: {why}", "unit": ""})
@@ -432,7 +439,8 @@ def main() -> None:
     args = parser().parse_args()
     rows, raw = compare(args)
     write_result("ingest", rows, args.json, runs=raw,
-                 settings={k: getattr(args, k) for k in ("processes", "threads", "image_size", "shard_size", "side")})
+                 settings={k: getattr(args, k) for k in ("processes", "threads", "image_size", "shard_size", "side",
+                                                         "protocol", "backlog")})
 
 
 if __name__ == "__main__":
