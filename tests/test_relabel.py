@@ -1,6 +1,7 @@
 """bench.relabel's rule: the weak model's masks of an image's own tags at the score threshold, the old pseudo
 instances of a tag the model does not find, nothing of an untagged class; a rerun keeps finished shards."""
 import io
+import os
 
 import numpy as np
 import torch
@@ -76,9 +77,27 @@ def test_relabel_keeps_tagged_confident_masks_and_old_masks_of_unfound_tags(tmp_
 
     # a tag the model misses keeps its old instance; a threshold above every score keeps only old ones
     shards.delete_shard(dst, "part-000001")
+    kept = os.stat(os.path.join(dst, "part-000000.tar")).st_mtime_ns
     model.dets = [d for d in model.dets if d[0] != 3]  # no star any more
     counts = relabel(model, CLASSES, src, dst, score=0.5)
-    assert counts == {"images": 1, "instances": 2, "kept_old": 1}  # only the deleted shard was redone
+    assert os.stat(os.path.join(dst, "part-000000.tar")).st_mtime_ns == kept  # only the deleted shard was redone
+    assert counts == {"images": 3, "instances": 5, "kept_old": 1}
     c = {s.key: s.pseudo["instances"] for s in shards.read_dataset(dst)}["c"]
     star = next(i for i in c if i["class"] == "star")
     assert np.array_equal(rle.decode(star["mask"]), old_square) and star["score"] == 1.0
+
+
+def test_relabel_add_keeps_every_old_instance_and_adds_only_what_overlaps_none(tmp_path):
+    src, dst = str(tmp_path / "pseudo"), str(tmp_path / "added")
+    with shards.ShardWriter(src, "part-000000") as w:
+        # the old disc lies on the model's confident disc (IoU 100/121 = 0.83): not added again
+        w.write(_sample("a", ["disc", "bar", "star"], [("disc", _box(2, 13, 2, 13))]))
+    shards.write_dataset_info(src, CLASSES, stage="test")
+
+    counts = relabel(StandIn().eval(), CLASSES, src, dst, score=0.5, rule="add")
+
+    (s,) = list(shards.read_dataset(dst))
+    got = sorted((i["class"], i["score"]) for i in s.pseudo["instances"])
+    assert got == [("bar", np.float32(0.8)), ("disc", 1.0), ("star", np.float32(0.95))]
+    assert counts == {"images": 1, "instances": 3, "kept_old": 1}
+    assert s.pseudo["rule"] == "relabel-add:weak>=0.5"
