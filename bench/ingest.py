@@ -186,7 +186,7 @@ def run_ours(csv_path: str, out: str, args) -> dict:
            "--num-cpus", str(args.processes)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)  # a local Ray of --processes CPUs, like img2dataset's processes
-    proc, seconds, cpu = run_watched(cmd, env=env, cwd=REPO)
+    proc, seconds, tree = run_watched(cmd, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"maskless crawl failed ({proc.returncode}): {proc.stderr[-3000:]}")
     with open(os.path.join(out, "crawl_summary.json")) as f:
@@ -198,7 +198,8 @@ def run_ours(csv_path: str, out: str, args) -> dict:
     # where the whole process's time went: outside run_crawl (imports, ray.init, Ray's shutdown at
     # exit), the final pass, and the crawl beyond what the workers spent inside units (their start-up,
     # the gaps between units)
-    return {"seconds": seconds, "cpu_seconds": cpu, "crawl_seconds": summary["crawl_seconds"],
+    return {"seconds": seconds, "cpu_seconds": tree.total(), "cpu_by_process": tree.by_title(),
+            "crawl_seconds": summary["crawl_seconds"],
             "run_crawl_seconds": summary["seconds"],
             "outside_run_crawl_seconds": seconds - summary["seconds"],
             "finalize_seconds": summary["seconds"] - summary["crawl_seconds"],
@@ -216,7 +217,7 @@ def run_img2dataset(exe: str, csv_path: str, out: str, args) -> dict:
            "--number_sample_per_shard", str(args.shard_size), "--timeout", "10", "--retries", "0",
            "--enable_wandb", "False"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc, seconds, cpu = run_watched(cmd, env=env)
+    proc, seconds, tree = run_watched(cmd, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"img2dataset failed ({proc.returncode}): {proc.stderr[-2000:]}")
     ok = failed = 0
@@ -225,7 +226,7 @@ def run_img2dataset(exe: str, csv_path: str, out: str, args) -> dict:
             st = json.load(f)
         ok += st.get("successes", 0)
         failed += st.get("failed_to_download", 0) + st.get("failed_to_resize", 0)
-    return {"seconds": seconds, "cpu_seconds": cpu, "accepted": ok, "failed": failed}
+    return {"seconds": seconds, "cpu_seconds": tree.total(), "accepted": ok, "failed": failed}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -298,6 +299,9 @@ class TreeCPU:
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
+        return self.total()
+
+    def total(self) -> float:
         return sum(self.seen.values())
 
     def by_title(self) -> dict[str, float]:
@@ -307,15 +311,16 @@ class TreeCPU:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def run_watched(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float, float]:
-    """(completed process, wall seconds, CPU seconds of its process tree)."""
+def run_watched(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float, TreeCPU]:
+    """(completed process, wall seconds, the CPU of its process tree, stopped: total() and by_title())."""
     tree = TreeCPU()
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     tree.watch(proc.pid)
     out, err = proc.communicate()
     seconds = time.time() - t0
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds, tree.stop()
+    tree.stop()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds, tree
 
 
 def timed(server_pid: int, fn, *a) -> dict:
@@ -357,6 +362,8 @@ def bench_size(n: int, names: list[str], images_dir: str, server, port: int, exe
          "unit": "ms"},
         {"metric": f"{tag} maskless crawl: server CPU per image", "value": 1000 * ours["server_cpu_seconds"] / n,
          "unit": "ms"},
+        {"metric": f"{tag} maskless crawl: CPU s by process (the 5 largest)", "unit": "s",
+         "value": ", ".join(f"{t} {c:.1f}" for t, c in list(ours["cpu_by_process"].items())[:5])},
         {"metric": f"{tag} maskless: outside run_crawl (imports, ray.init, exit)",
          "value": ours["outside_run_crawl_seconds"], "unit": "s"},
         {"metric": f"{tag} maskless: crawl, workers' time in units", "value": ours["unit_seconds_per_worker"],

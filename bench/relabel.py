@@ -2,8 +2,10 @@
 into the pipeline.
 
 The Mask R-CNN trained on the pseudo masks (a run folder's models/weak) relabels the same train images;
-a second Mask R-CNN, same recipe, trains on its masks and is scored on the same val split. Published
-ablations credit one such round with +4.8 to +8.4 mAP50 (docs/REFERENCES.md). The new labels come
+a second Mask R-CNN, same recipe, trains on its masks and is scored on the same val split. Issue #18 names
+it the published cheap lever: what CIM and BESTIE publish (+4.8 and about +8.4 mAP50) is the step before,
+a Mask R-CNN trained on the first stage's pseudo masks, which maskless's weak model already is; no figure
+of a further round was found (docs/REFERENCES.md). The new labels come
 from the weak model's detections of the image's own tags (image-level labels: weak supervision knows
 nothing else) at score >= --score, by one of two rules (--rule):
   - replace: those detections; a tagged class the model finds nowhere in the image keeps its old pseudo
