@@ -45,30 +45,25 @@ def relabel(model: torch.nn.Module, classes: list[str], src: str, dst: str, scor
     `dst` (each instance says where it came from: "from" is "model" or "pseudo")."""
     from maskless.train.predict import decode, detect
 
-    storage.makedirs(dst)
-    storage.remove_stale_temps(dst)
-    done = set(shards.shard_names(dst))
-    for name in shards.shard_names(src):
-        if name in done:
-            continue
-        with shards.ShardWriter(dst, name) as w:
-            for s in shards.read_shard(storage.join(src, name + ".tar")):
-                with torch.no_grad():
-                    dets = detect(model, [decode(s.jpg, f"sample {s.key} of {src}")], torch.device("cpu"), score)[0]
-                found = [(classes[c], p, m) for c, p, m in dets if classes[c] in s.labels]
-                new = [{"class": c, "score": p, "mask": rle.encode(m.numpy()), "from": "model"} for c, p, m in found]
-                before = [{**i, "from": "pseudo"} for i in (s.pseudo or {}).get("instances", [])]
-                if rule == "add":
-                    old = before
-                    overlap = rle.iou_matrix([i["mask"] for i in new], [i["mask"] for i in old])
-                    new = [inst for inst, row in zip(new, overlap) if not (row >= ADD_MAX_IOU).any()]
-                else:
-                    missing = set(s.labels) - {c for c, _, _ in found}
-                    old = [i for i in before if i["class"] in missing]
-                for inst in new:
-                    inst["bbox"] = rle.bbox_xywh(inst["mask"])
-                s.pseudo = {**(s.pseudo or {}), "instances": new + old, "rule": f"relabel-{rule}:weak>={score}"}
-                w.write(s)
+    def relabelled(s: shards.Sample) -> shards.Sample:
+        with torch.no_grad():
+            dets = detect(model, [decode(s.jpg, f"sample {s.key} of {src}")], torch.device("cpu"), score)[0]
+        found = [(classes[c], p, m) for c, p, m in dets if classes[c] in s.labels]
+        new = [{"class": c, "score": p, "mask": rle.encode(m.numpy()), "from": "model"} for c, p, m in found]
+        before = [{**i, "from": "pseudo"} for i in (s.pseudo or {}).get("instances", [])]
+        if rule == "add":
+            old = before
+            overlap = rle.iou_matrix([i["mask"] for i in new], [i["mask"] for i in old])
+            new = [inst for inst, row in zip(new, overlap) if not (row >= ADD_MAX_IOU).any()]
+        else:
+            missing = set(s.labels) - {c for c, _, _ in found}
+            old = [i for i in before if i["class"] in missing]
+        for inst in new:
+            inst["bbox"] = rle.bbox_xywh(inst["mask"])
+        s.pseudo = {**(s.pseudo or {}), "instances": new + old, "rule": f"relabel-{rule}:weak>={score}"}
+        return s
+
+    shards.map_shards(src, dst, relabelled)
     shards.write_dataset_info(dst, classes, stage="bench-relabel", source=src, score=score, rule=rule)
     counts = {"images": 0, "instances": 0, "kept_old": 0}
     for s in shards.read_dataset(dst):

@@ -395,6 +395,21 @@ def read_stats(root: str) -> list[dict]:
     return [storage.read_json(storage.join(root, n + ".stats.json")) for n in shard_names(root)]
 
 
+def map_shards(src: str, dst: str, fn: Callable[[Sample], Sample]) -> None:
+    """Write fn(sample) of every sample of `src` into `dst`, one output shard per input shard under the same
+    name; shards already complete in `dst` are kept, so a rerun finishes the rest (derived datasets:
+    the ablation's degraded masks, bench.relabel's new labels)."""
+    storage.makedirs(dst)
+    storage.remove_stale_temps(dst)
+    done = set(shard_names(dst))
+    for name in shard_names(src):
+        if name in done:
+            continue
+        with ShardWriter(dst, name) as w:
+            for s in read_shard(storage.join(src, name + ".tar")):
+                w.write(fn(s))
+
+
 def write_dataset_info(root: str, classes: list[str], stage: str, **extra) -> dict:
     """Record a finished dataset: its classes, shards and counts (dataset.json)."""
     stats = read_stats(root)

@@ -183,24 +183,20 @@ def write_degraded(src: str, dst: str, level: str, seed: int = 0) -> dict:
     if kind == "drop":
         table = shards.read_manifest(src).to_pydict()
         drops = plan_drops(dict(zip(table["key"], [n or 0 for n in table["gt_instances"]])), value, seed)
-    storage.makedirs(dst)
-    storage.remove_stale_temps(dst)
-    done = set(shards.shard_names(dst))
-    for name in shards.shard_names(src):
-        if name in done:
-            continue
-        with shards.ShardWriter(dst, name) as w:
-            for s in shards.read_shard(storage.join(src, name + ".tar")):
-                inst = (s.gt or {}).get("instances", [])
-                masks, labels = degrade(s.key, [ingest_masks.decode(i["mask"]) for i in inst],
-                                        [i["class"] for i in inst], level, seed, drops)
-                pseudo = []
-                for m, c in zip(masks, labels):
-                    rle = ingest_masks.encode(m)
-                    pseudo.append({"class": c, "score": 1.0, "mask": rle, "bbox": ingest_masks.bbox_xywh(rle)})
-                s.pseudo = {"instances": pseudo, "classifier": None, "rule": f"degraded:{level}",
-                            "proposals": "ground truth"}
-                w.write(s)
+
+    def degraded(s: shards.Sample) -> shards.Sample:
+        inst = (s.gt or {}).get("instances", [])
+        masks, labels = degrade(s.key, [ingest_masks.decode(i["mask"]) for i in inst],
+                                [i["class"] for i in inst], level, seed, drops)
+        pseudo = []
+        for m, c in zip(masks, labels):
+            rle = ingest_masks.encode(m)
+            pseudo.append({"class": c, "score": 1.0, "mask": rle, "bbox": ingest_masks.bbox_xywh(rle)})
+        s.pseudo = {"instances": pseudo, "classifier": None, "rule": f"degraded:{level}",
+                    "proposals": "ground truth"}
+        return s
+
+    shards.map_shards(src, dst, degraded)
     return shards.write_dataset_info(dst, info["classes"], stage="ablate-degrade", level=level, source=src, seed=seed)
 
 
