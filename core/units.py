@@ -83,3 +83,54 @@ def plan_shard(root: str, shard: str, unit_size: int) -> ShardPlan:
 def dataset_units(root: str, unit_size: int = UNIT_SIZE) -> list[Unit]:
     """Every shard of a dataset cut into units, shard after shard (reads the tar headers only)."""
     return [u for name in shards.shard_names(root) for u in plan_shard(root, name, unit_size).units]
+
+
+def write_unit_plan(data: str, out: str, unit_size: int, plans: list[ShardPlan], plan_file: str, **extra) -> None:
+    """Record in OUT/plan_file how `data` was cut (the unit size; per shard its sample count and key digest)
+    and what else the output depends on (`extra`), for check_earlier_units on the next run."""
+    storage.write_json_atomic(storage.join(out, plan_file), {
+        "data": data, "unit_size": unit_size, **extra,
+        "shards": {p.shard: {"samples": p.samples, "keys_sha256": p.keys_sha256} for p in plans}})
+
+
+def check_earlier_units(data: str, out: str, unit_size: int, plans: list[ShardPlan], committed: set[str],
+                        plan_file: str, **extra) -> None:
+    """Refuse to add to an output whose committed units were cut from other input samples (a shard
+    rewritten or removed since, another unit size), made from another `extra` (e.g. another model), or
+    that holds shards no unit plan explains: the output would mix two versions of the input. Shards
+    without committed units may change freely. Raises ValueError saying what differs."""
+    path = storage.join(out, plan_file)
+    hint = "use a new --out (or restore the input)"
+    if not storage.exists(path):
+        if committed:
+            raise ValueError(f"{out} holds shards ({', '.join(sorted(committed)[:3])}, ...) but no {plan_file}: "
+                             f"they were not written by this stage's units; use a new --out")
+        return
+    earlier = storage.read_json(path)
+    now = {p.shard: p for p in plans}
+    known: set[str] = set()
+    for shard, e in earlier["shards"].items():
+        names = set(unit_names(shard, e["samples"], earlier["unit_size"]))
+        known |= names
+        done = committed & names
+        if not done:
+            continue
+        if earlier["unit_size"] != unit_size:
+            raise ValueError(f"--unit-size {unit_size}: the units already in {out} hold "
+                             f"{earlier['unit_size']} samples each; rerun with --unit-size {earlier['unit_size']} "
+                             f"or use a new --out")
+        for key, value in extra.items():
+            if earlier.get(key) != value:
+                raise ValueError(f"{out} holds units made with {key} {earlier.get(key)}, this run has {value}: "
+                                 f"use a new --out")
+        if shard not in now:
+            raise ValueError(f"input shard {shard} is gone from {data}, but {len(done)} unit(s) of it are in "
+                             f"{out} (e.g. {min(done)}): {hint}")
+        if now[shard].keys_sha256 != e["keys_sha256"]:
+            raise ValueError(f"input shard {shard} of {data} was rewritten since {len(done)} unit(s) of it were "
+                             f"committed to {out} (e.g. {min(done)}): {e['samples']} samples then, "
+                             f"{now[shard].samples} now, other keys; {hint}")
+    foreign = committed - known
+    if foreign:
+        raise ValueError(f"{out} holds shards that no unit of {plan_file} names "
+                         f"({', '.join(sorted(foreign)[:3])}, ...): use a new --out")

@@ -13,6 +13,10 @@ finished; a rerun skips recorded stages, and each stage itself skips its finishe
   train_weak     Mask R-CNN on the pseudo masks            (weak supervision: the method)
   train_full     the same Mask R-CNN on the true masks     (full supervision: the upper bound)
   eval_weak / eval_full   both scored on the val split
+  with run.self_training (one round of self-training, docs/PSEUDO.md):
+  relabel        the weak Mask R-CNN relabels the train images (section `relabel`)
+  fidelity_relabel   those masks against the true masks
+  train_relabel / eval_relabel   a second Mask R-CNN on them, scored on the val split
 
 After the stages (not a stage: it is rewritten by every run, from the recorded results) comes one
 side-by-side report, OUT/reports/report.md.
@@ -44,6 +48,9 @@ class RunConfig:
     label_split: str | None = field(default=None, metadata={
         "help": "without crawl: split name or id-list file whose image labels train the classifier (default: train_split)"})
     fully_supervised: bool = field(default=True, metadata={"help": "also train on true masks (the upper bound)"})
+    self_training: bool = field(default=False, metadata={
+        "help": "one round of self-training: the weak Mask R-CNN relabels the train images (section relabel) and "
+                "a second Mask R-CNN trains on them"})
 
     def validate(self) -> None:
         if self.source == "voc" and not self.voc_root:
@@ -53,7 +60,7 @@ class RunConfig:
             raise ValueError(f"unknown run.world options: {', '.join(sorted(unknown))}")
 
 
-STAGE_SECTIONS = ("crawl", "classify", "pseudo", "pseudo_eval", "train", "eval")
+STAGE_SECTIONS = ("crawl", "classify", "pseudo", "pseudo_eval", "train", "eval", "relabel")
 
 
 def _stage_config(module: str, cls_name: str, section: dict, **paths: Any):
@@ -116,7 +123,8 @@ def _log_to_file(out: str) -> logging.Handler:
 
 
 STAGES = ("world", "import", "web", "crawl", "labels", "classify", "pseudo", "fidelity",
-          "train_weak", "eval_weak", "train_full", "eval_full")
+          "train_weak", "eval_weak", "train_full", "eval_full", "relabel", "fidelity_relabel", "train_relabel",
+          "eval_relabel")
 
 
 def run_pipeline(config_path: str, out: str | None = None, address: str | None = None,
@@ -221,7 +229,18 @@ def _run_stages(p: Pipeline, cfg: RunConfig, s: dict[str, dict]) -> None:
     runs = [("weak", p.path("data", "pseudo"), "pseudo")]
     if cfg.fully_supervised:
         runs.append(("full", data["train"], "gt"))
+    if cfg.self_training:
+        runs.append(("relabel", p.path("data", "relabel"), "pseudo"))
     for name, train_data, mask_source in runs:
+        if name == "relabel":
+            from maskless.train.relabel import run_relabel
+
+            relabel_cfg = _stage_config("maskless.train.relabel", "RelabelConfig", s["relabel"], data=p.path("data", "pseudo"),
+                                        model=p.path("models", "weak", "model.pt"), out=train_data)
+            p.stage("relabel", lambda: run_relabel(relabel_cfg))
+            fid_relabel = _stage_config("maskless.pseudo.fidelity", "FidelityConfig", s["pseudo_eval"], data=train_data,
+                                        out=p.path("reports", "fidelity-relabel"))
+            p.stage("fidelity_relabel", lambda: run_fidelity(fid_relabel))
         train_cfg = _stage_config("maskless.train.trainer", "TrainConfig", s["train"], data=train_data, masks=mask_source,
                                   out=p.path("models", name))
         p.stage(f"train_{name}", lambda c=train_cfg: run_train(c))
@@ -260,7 +279,7 @@ def _print_summary(summary: dict) -> None:
     for name, sec in summary["stage_seconds"].items():
         print(f"  {name:<12} {'skipped (done earlier)' if sec == 0 else f'{sec:.0f} s'}")
     print(f"\n  report: {summary['report']}")
-    for key in ("eval_weak", "eval_full"):
+    for key in ("eval_weak", "eval_full", "eval_relabel"):
         r = summary["results"].get(key)
         if r:
             table = ", ".join(f"{p} {t}: {'-' if v is None else f'{100 * v:.1f}'}"

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from maskless.core import errors, shards, storage
 from maskless.core.resources import check_resources, gpu_stage_options, has_gpus
-from maskless.core.units import UNIT_SIZE, ShardPlan, Unit, plan_shard, unit_names
+from maskless.core.units import UNIT_SIZE, ShardPlan, Unit, check_earlier_units, plan_shard, write_unit_plan
 from maskless.pseudo.instances import CLASS_SOURCES, MaskerOptions, PseudoMasker
 from maskless.pseudo.peak_response import RULES as RESPONSE_RULES
 from maskless.pseudo.proposals import CACHE_ENTRY, SCORES, SOURCES, Proposals, make_source
@@ -296,43 +296,6 @@ def plan_units(cfg: PseudoConfig, names: list[str]) -> list[ShardPlan]:
         raise ValueError(f"--data {cfg.data}: {e.cause}") from None
 
 
-def check_earlier_units(cfg: PseudoConfig, plans: list[ShardPlan], committed: set[str]) -> None:
-    """Refuse to add to an output whose committed units were cut from other input samples (a shard
-    rewritten or removed since, another unit size) or that holds shards no unit plan explains: the
-    output would mix two versions of the input. Shards without committed units may change freely."""
-    path = storage.join(cfg.out, PLAN_FILE)
-    hint = "use a new --out (or restore the input)"
-    if not storage.exists(path):
-        if committed:
-            raise ValueError(f"{cfg.out} holds shards ({', '.join(sorted(committed)[:3])}, ...) but no {PLAN_FILE}: "
-                             f"they were not written by this pseudo stage's units; use a new --out")
-        return
-    earlier = storage.read_json(path)
-    now = {p.shard: p for p in plans}
-    known: set[str] = set()
-    for shard, e in earlier["shards"].items():
-        names = set(unit_names(shard, e["samples"], earlier["unit_size"]))
-        known |= names
-        done = committed & names
-        if not done:
-            continue
-        if earlier["unit_size"] != cfg.unit_size:
-            raise ValueError(f"--unit-size {cfg.unit_size}: the units already in {cfg.out} hold "
-                             f"{earlier['unit_size']} samples each; rerun with --unit-size {earlier['unit_size']} "
-                             f"or use a new --out")
-        if shard not in now:
-            raise ValueError(f"input shard {shard} is gone from {cfg.data}, but {len(done)} unit(s) of it are in "
-                             f"{cfg.out} (e.g. {min(done)}): {hint}")
-        if now[shard].keys_sha256 != e["keys_sha256"]:
-            raise ValueError(f"input shard {shard} of {cfg.data} was rewritten since {len(done)} unit(s) of it were "
-                             f"committed to {cfg.out} (e.g. {min(done)}): {e['samples']} samples then, "
-                             f"{now[shard].samples} now, other keys; {hint}")
-    foreign = committed - known
-    if foreign:
-        raise ValueError(f"{cfg.out} holds shards that no unit of {PLAN_FILE} names "
-                         f"({', '.join(sorted(foreign)[:3])}, ...): use a new --out")
-
-
 def actor_rates(rows: list[dict]) -> dict[str, dict]:
     """Per actor: units and images masked, seconds busy masking them, images/s while busy."""
     per: dict[str, dict] = defaultdict(lambda: {"node": "", "units": 0, "images": 0, "busy_s": 0.0})
@@ -450,10 +413,8 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     start = time.time()
     plans = plan_units(cfg, names)
     done = set(shards.shard_names(cfg.out))
-    check_earlier_units(cfg, plans, done)
-    storage.write_json_atomic(storage.join(cfg.out, PLAN_FILE), {
-        "data": cfg.data, "unit_size": cfg.unit_size,
-        "shards": {p.shard: {"samples": p.samples, "keys_sha256": p.keys_sha256} for p in plans}})
+    check_earlier_units(cfg.data, cfg.out, cfg.unit_size, plans, done, PLAN_FILE)
+    write_unit_plan(cfg.data, cfg.out, cfg.unit_size, plans, PLAN_FILE)
     units = [u for p in plans for u in p.units]
     todo = [u for u in units if u.name not in done]
     use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu

@@ -1,15 +1,21 @@
-"""bench.relabel's rule: the weak model's masks of an image's own tags at the score threshold, the old pseudo
-instances of a tag the model does not find, nothing of an untagged class; a rerun keeps finished shards."""
+"""The relabel stage (train/relabel.py): its rules on a stand-in model whose detections are known (rule
+replace: the model's masks of an image's own tags at the score threshold, the old pseudo instances of a tag
+it does not find, nothing of an untagged class; rule add: every old instance plus what overlaps none),
+and the stage on Ray: every sample once in units named after their input slice, a rerun redoing only a
+missing unit, another model's output refused, bad input named."""
 import io
+import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from bench.relabel import relabel
 from maskless.core import masks as rle
 from maskless.core import shards
+from maskless.core.units import plan_shard
+from maskless.train.relabel import RelabelConfig, relabel_unit, run_relabel
 
 CLASSES = ["disc", "bar", "star"]
 
@@ -53,6 +59,20 @@ def _sample(key, labels, old):
                          pseudo={"instances": inst, "rule": "response"})
 
 
+def relabel(model, classes, src, dst, score, rule="replace"):
+    """relabel_unit over every shard of src as one unit each (no Ray), then counts over all of dst."""
+    cfg = RelabelConfig(data=src, model="stand-in", out=dst, rule=rule, score=score)
+    for name in shards.shard_names(src):
+        (unit,) = plan_shard(src, name, 100).units
+        assert relabel_unit(model, classes, torch.device("cpu"), unit, cfg)["error"] == ""
+    counts = {"images": 0, "instances": 0, "kept_old": 0}
+    for s in shards.read_dataset(dst):
+        counts["images"] += 1
+        counts["instances"] += len(s.pseudo["instances"])
+        counts["kept_old"] += sum(i["from"] == "pseudo" for i in s.pseudo["instances"])
+    return counts
+
+
 def test_relabel_keeps_tagged_confident_masks_and_old_masks_of_unfound_tags(tmp_path):
     src, dst = str(tmp_path / "pseudo"), str(tmp_path / "relabelled")
     old_square = _box(5, 25, 5, 25)
@@ -71,16 +91,15 @@ def test_relabel_keeps_tagged_confident_masks_and_old_masks_of_unfound_tags(tmp_
     assert classes == {"a": ["bar", "disc"], "b": ["disc"], "c": ["bar", "star"]}
     disc = next(i for i in got["a"] if i["class"] == "disc")
     assert np.array_equal(rle.decode(disc["mask"]), _box(2, 12, 2, 12))  # the model's mask, not the old square
-    assert disc["score"] == np.float32(0.9) and disc["bbox"] == [2.0, 2.0, 10.0, 10.0]
+    assert disc["score"] == 0.9 and disc["bbox"] == [2.0, 2.0, 10.0, 10.0]
     assert counts == {"images": 3, "instances": 5, "kept_old": 0}
-    assert shards.read_dataset_info(dst)["classes"] == CLASSES
 
-    # a tag the model misses keeps its old instance; a threshold above every score keeps only old ones
-    shards.delete_shard(dst, "part-000001")
-    kept = os.stat(os.path.join(dst, "part-000000.tar")).st_mtime_ns
+    # a tag the model misses keeps its old instance
+    shards.delete_shard(dst, "part-000001_000000-000001")
+    kept = os.stat(os.path.join(dst, "part-000000_000000-000002.tar")).st_mtime_ns
     model.dets = [d for d in model.dets if d[0] != 3]  # no star any more
     counts = relabel(model, CLASSES, src, dst, score=0.5)
-    assert os.stat(os.path.join(dst, "part-000000.tar")).st_mtime_ns == kept  # only the deleted shard was redone
+    assert os.stat(os.path.join(dst, "part-000000_000000-000002.tar")).st_mtime_ns == kept  # only the deleted unit was redone
     assert counts == {"images": 3, "instances": 5, "kept_old": 1}
     c = {s.key: s.pseudo["instances"] for s in shards.read_dataset(dst)}["c"]
     star = next(i for i in c if i["class"] == "star")
@@ -98,6 +117,63 @@ def test_relabel_add_keeps_every_old_instance_and_adds_only_what_overlaps_none(t
 
     (s,) = list(shards.read_dataset(dst))
     got = sorted((i["class"], i["score"]) for i in s.pseudo["instances"])
-    assert got == [("bar", np.float32(0.8)), ("disc", 1.0), ("star", np.float32(0.95))]
+    assert got == [("bar", 0.8), ("disc", 1.0), ("star", 0.95)]
     assert counts == {"images": 1, "instances": 3, "kept_old": 1}
-    assert s.pseudo["rule"] == "relabel-add:weak>=0.5"
+    assert s.pseudo["rule"] == "response" and s.pseudo["relabel"]["rule"] == "add"
+
+
+def _export_untrained(path, classes):
+    from maskless.train.maskrcnn import build_model, build_options, save_model
+
+    torch.manual_seed(0)
+    opts = dict(arch="resnet18_fpn", min_size=96, max_size=96, trainable_backbone_layers=None, anchor_sizes=None,
+                norm=None, rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20, box_detections_per_img=10)
+    save_model(path, build_model(classes, weights="none", **opts).state_dict(), classes, {"build": build_options(**opts)})
+
+
+def test_relabel_stage_on_ray_every_sample_once_and_reruns_only_what_is_missing(ray_local, world_shards, tmp_path):
+    """Pseudo-like input of 18 train samples in shards of 6, units of 4: 3 x 2 units (4 + 2) on 2 actors.
+    Score 1.0: no detection can pass (scores are < 1), so rule add keeps exactly the old instances."""
+    src, out, model = world_shards["train"], str(tmp_path / "relabel"), str(tmp_path / "model.pt")
+    _export_untrained(model, world_shards["classes"])
+    cfg = RelabelConfig(data=src, model=model, out=out, score=1.0, unit_size=4, actors=2, actor_cpus=1)
+
+    summary = run_relabel(cfg)
+
+    names = shards.shard_names(src)
+    assert shards.shard_names(out) == sorted(f"{n}_{a:06d}-{b:06d}" for n in names for a, b in ((0, 4), (4, 6)))
+    assert summary["units"] == 6 and summary["samples"] == 18 and summary["added"] == 0 and summary["failed"] == {}
+    before = {s.key: s for s in shards.read_dataset(src)}
+    after = {s.key: s for s in shards.read_dataset(out)}
+    assert sorted(after) == sorted(before)
+    for key, s in after.items():  # rule add with nothing found: the pseudo instances, unchanged, marked as kept
+        old = (before[key].pseudo or {}).get("instances", [])
+        assert [i["mask"] for i in s.pseudo["instances"]] == [i["mask"] for i in old]
+        assert {i["from"] for i in s.pseudo["instances"]} <= {"pseudo"} and s.jpg == before[key].jpg
+
+    # a lost unit is redone, alone
+    kept = {n: os.stat(os.path.join(out, n + ".tar")).st_mtime_ns for n in shards.shard_names(out)}
+    lost = shards.shard_names(out)[1]
+    shards.delete_shard(out, lost)
+    again = run_relabel(cfg)
+    assert again["skipped"] == 5 and again["images"] == 2
+    assert all(os.stat(os.path.join(out, n + ".tar")).st_mtime_ns == t for n, t in kept.items() if n != lost)
+
+    # another model: its units would be mixed with this one's, refused
+    _export_untrained(str(tmp_path / "other.pt"), world_shards["classes"])
+    with open(tmp_path / "other.pt", "ab") as f:
+        f.write(b"\0")  # another file, another digest
+    with pytest.raises(ValueError, match="model_sha256"):
+        run_relabel(RelabelConfig(**{**cfg.__dict__, "model": str(tmp_path / "other.pt")}))
+
+
+def test_relabel_bad_input(tmp_path, world_shards):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_relabel(RelabelConfig(data=world_shards["train"], model=str(tmp_path / "none.pt"), out=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        os.makedirs(tmp_path / "unfinished")
+        run_relabel(RelabelConfig(data=str(tmp_path / "unfinished"), model="m.pt", out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="--rule"):
+        run_relabel(RelabelConfig(data=world_shards["train"], model="m.pt", out=str(tmp_path / "o"), rule="swap"))
+    with pytest.raises(ValueError, match="--out must differ"):
+        run_relabel(RelabelConfig(data=world_shards["train"], model="m.pt", out=world_shards["train"]))

@@ -63,3 +63,23 @@ def test_run_end_to_end_then_rerun_skips_everything(ray_local, tmp_path, capsys)
     again = json.loads((run / "summary.json").read_text())
     assert all(sec == 0 for sec in again["stage_seconds"].values())
     assert time.time() - t0 < 30
+
+    # self-training added to the finished run: only its four stages run, on what the run has
+    cfg["run"]["self_training"] = True
+    cfg["relabel"] = {"actors": 1, "score": 0.05}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path)]) == 0
+    third = json.loads((run / "summary.json").read_text())
+    ran = {k for k, sec in third["stage_seconds"].items() if sec > 0}
+    assert ran == {"relabel", "fidelity_relabel", "train_relabel", "eval_relabel"}
+    old = {s.key: s.pseudo["instances"] for s in shards.read_dataset(str(run / "data" / "pseudo"))}
+    new = {s.key: s.pseudo["instances"] for s in shards.read_dataset(str(run / "data" / "relabel"))}
+    assert sorted(new) == sorted(old)
+    for key, instances in new.items():  # rule add: every old instance kept, first the model's additions
+        kept = [i for i in instances if i["from"] == "pseudo"]
+        assert [i["mask"] for i in kept] == [i["mask"] for i in old[key]]
+    relabel = json.loads((run / "stages" / "relabel.json").read_text())["result"]
+    assert relabel["kept_old"] == sum(map(len, old.values())) and relabel["samples"] == 12
+    report = (run / "reports" / "report.md").read_text()
+    assert "weak, self-trained" in report and "self-trained / full" in report and "relabelled by the weak model" in report
+    assert third["results"]["fidelity_relabel"]["images"] == 12
