@@ -12,6 +12,13 @@ class IncompleteRun(RuntimeError):
     """A command that kept everything it finished and failed on the rest; its message names what
     failed, and rerunning the same command does only the rest."""
 
+    @classmethod
+    def of_units(cls, stage: str, missing: list[str], why: object) -> "IncompleteRun":
+        """The error of a stage whose work units `missing` were not written, for reason `why`."""
+        names = ", ".join(missing[:20]) + (", ..." if len(missing) > 20 else "")
+        return cls(f"{stage}: {len(missing)} unit(s) not written ({names}): {why or 'see the Ray logs'}; "
+                   f"rerun the same command to redo them")
+
 
 def disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in DISK_FULL

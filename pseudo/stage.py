@@ -451,9 +451,7 @@ def run_pseudo(cfg: PseudoConfig) -> dict:
     }
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
-        raise errors.IncompleteRun(f"pseudo: {len(missing)} unit(s) not written ({', '.join(missing[:20])}"
-                           f"{', ...' if len(missing) > 20 else ''}): {failed or crashed or 'see the Ray logs'}; "
-                           f"rerun the same command to redo them")
+        raise errors.IncompleteRun.of_units("pseudo", missing, failed or crashed)
     info = shards.write_dataset_info(cfg.out, classes, stage="pseudo", classifier=cfg.classifier, rule=cfg.rule,
                                      response=cfg.response, proposals=proposals,
                                      classes_without_peaks=report["classes_without_peaks"],

@@ -231,11 +231,8 @@ def run_relabel(cfg: RelabelConfig) -> dict:
                "rule": cfg.rule, "score": cfg.score, "gpu": use_gpu, "out": cfg.out}
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
-        raise errors.IncompleteRun(f"relabel: {len(missing)} unit(s) not written ({', '.join(missing[:20])}"
-                                   f"{', ...' if len(missing) > 20 else ''}): {failed or 'see the Ray logs'}; "
-                                   f"rerun the same command to redo them")
-    written_info = shards.write_dataset_info(cfg.out, classes, stage="relabel", source=cfg.data, model=cfg.model,
-                                     rule=cfg.rule, score=cfg.score)
-    summary["samples"] = written_info["samples"]
+        raise errors.IncompleteRun.of_units("relabel", missing, failed)
+    summary["samples"] = shards.write_dataset_info(cfg.out, classes, stage="relabel", source=cfg.data,
+                                                   model=cfg.model, rule=cfg.rule, score=cfg.score)["samples"]
     log.info("relabel: %s", summary)
     return summary
