@@ -12,7 +12,11 @@ beside the floor of the work itself.
      OpenCV alone (JPEG draft decoding to the target size, area resize), once through our
      validator's clean_image (the crawl's own pixel work: the same plus its checks and hashes);
    - `maskless crawl` as a user runs it: its own process (`python -m maskless.cli crawl`, Ray start
-     and imports included), --processes Ray workers x --threads threads, no per-host limit;
+     and imports included), --processes Ray workers x --threads threads, no per-host limit; with
+     --running-ray, as a user of a long-lived Ray runs it: the bench starts one Ray (`ray start --head`,
+     --processes CPUs) before the sizes and every crawl joins it through RAY_ADDRESS, so ray.init and
+     Ray's shutdown leave each command (its workers still start with the job; their CPU seconds are not
+     in the crawl's process tree then, so that row counts the driver only);
    - img2dataset (its own virtualenv, --processes x --threads, webdataset output), same resize.
 4. Prints images/s of each (whole process, start-up included), the ratio ours / img2dataset and
    ours / floor, and the machine's load average before and after each run.
@@ -182,10 +186,13 @@ def run_ours(csv_path: str, out: str, args) -> dict:
            "--allow-private", "--image-size", str(args.image_size), "--jpeg-quality", "90",
            "--shard-size", str(args.shard_size), "--threads", str(args.threads), "--workers", str(args.processes),
            "--task-cpus", "1", "--per-host-rps", "0", "--per-host-concurrency", str(args.threads),
-           "--timeout", "10", "--retries", "0", "--min-size", "1", "--no-progress",
-           "--num-cpus", str(args.processes)]
+           "--timeout", "10", "--retries", "0", "--min-size", "1", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    env.pop("RAY_ADDRESS", None)  # a local Ray of --processes CPUs, like img2dataset's processes
+    if args.ray_address:
+        env["RAY_ADDRESS"] = args.ray_address  # join the Ray the bench started (--running-ray)
+    else:
+        env.pop("RAY_ADDRESS", None)  # a local Ray of --processes CPUs, like img2dataset's processes
+        cmd += ["--num-cpus", str(args.processes)]
     proc, seconds, tree = run_watched(cmd, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"maskless crawl failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -332,6 +339,17 @@ def timed(server_pid: int, fn, *a) -> dict:
             "server_cpu_seconds": round(cpu_seconds(server_pid) - server, 2)}
 
 
+def start_ray(args: argparse.Namespace) -> str:
+    """`ray start --head` with --processes CPUs, no dashboard; its address."""
+    port = free_port()
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={port}",
+           f"--num-cpus={args.processes}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start failed: {proc.stderr[-2000:]}")
+    return f"127.0.0.1:{port}"
+
+
 def bench_size(n: int, names: list[str], images_dir: str, server, port: int, exe: str | None,
                args) -> tuple[list, dict]:
     """One size: floor, ours, img2dataset, back to back; (rows, raw results)."""
@@ -358,13 +376,13 @@ def bench_size(n: int, names: list[str], images_dir: str, server, port: int, exe
          "value": f"{1000 * floor['cpu_seconds'] / n:.2f} / {1000 * floor_ours['cpu_seconds'] / n:.2f}", "unit": "ms"},
         {"metric": f"{tag} maskless crawl accepted", "value": ours["accepted"], "unit": "images"},
         {"metric": f"{tag} maskless crawl, whole process", "value": rate, "unit": "images/s"},
-        {"metric": f"{tag} maskless crawl: CPU per image (its processes)", "value": 1000 * ours["cpu_seconds"] / n,
-         "unit": "ms"},
+        {"metric": f"{tag} maskless crawl: CPU per image (its processes{'; the driver only' if args.ray_address else ''})",
+         "value": 1000 * ours["cpu_seconds"] / n, "unit": "ms"},
         {"metric": f"{tag} maskless crawl: server CPU per image", "value": 1000 * ours["server_cpu_seconds"] / n,
          "unit": "ms"},
         {"metric": f"{tag} maskless crawl: CPU s by process (the 5 largest)", "unit": "s",
          "value": ", ".join(f"{t} {c:.1f}" for t, c in list(ours["cpu_by_process"].items())[:5])},
-        {"metric": f"{tag} maskless: outside run_crawl (imports, ray.init, exit)",
+        {"metric": f"{tag} maskless: outside run_crawl (imports, {'joining Ray' if args.ray_address else 'ray.init'}, exit)",
          "value": ours["outside_run_crawl_seconds"], "unit": "s"},
         {"metric": f"{tag} maskless: crawl, workers' time in units", "value": ours["unit_seconds_per_worker"],
          "unit": "s"},
@@ -404,6 +422,8 @@ def parser() -> argparse.ArgumentParser:
                     help="the image server's HTTP version: 1.1 keeps connections open, 1.0 closes each")
     ap.add_argument("--backlog", type=int, default=1024,
                     help="the image server's listen backlog (python -m http.server's is 5: SYNs dropped)")
+    ap.add_argument("--running-ray", action="store_true",
+                    help="start one Ray before the runs and have every maskless crawl join it (RAY_ADDRESS)")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=256)
@@ -425,6 +445,7 @@ def compare(args: argparse.Namespace) -> tuple[list[dict], dict]:
                                args.protocol, "--backlog", str(args.backlog)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows, raw = [], {}
+    args.ray_address = start_ray(args) if args.running_ray else None
     try:
         time.sleep(1.0)
         for n in sizes:
@@ -433,7 +454,12 @@ def compare(args: argparse.Namespace) -> tuple[list[dict], dict]:
     finally:
         server.terminate()
         server.wait()
+        if args.ray_address:
+            subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop"], capture_output=True)
     mb = sum(os.path.getsize(os.path.join(images_dir, n)) for n in names[:max(sizes)]) / 2**20
+    if args.ray_address:
+        rows.insert(0, {"metric": "maskless crawl joins a running Ray (--running-ray)", "value": args.ray_address,
+                        "unit": f"{args.processes} CPUs"})
     rows.insert(0, {"metric": f"source images (loopback, bench/image_server.py, {args.protocol}, backlog "
                               f"{args.backlog})", "value": max(sizes),
                     "unit": f"JPEGs, {mb:.0f} MiB, longest side {args.side if not args.source else 'as given'}"})
@@ -447,7 +473,7 @@ def main() -> None:
     rows, raw = compare(args)
     write_result("ingest", rows, args.json, runs=raw,
                  settings={k: getattr(args, k) for k in ("processes", "threads", "image_size", "shard_size", "side",
-                                                         "protocol", "backlog")})
+                                                         "protocol", "backlog", "running_ray")})
 
 
 if __name__ == "__main__":
