@@ -39,6 +39,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -339,15 +340,33 @@ def timed(server_pid: int, fn, *a) -> dict:
             "server_cpu_seconds": round(cpu_seconds(server_pid) - server, 2)}
 
 
-def start_ray(args: argparse.Namespace) -> str:
-    """`ray start --head` with --processes CPUs, no dashboard; its address."""
+def start_ray(args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
+    """A Ray head with --processes CPUs, no dashboard: its address and its `ray start --block` process,
+    in a session of its own, so that stop_ray ends this Ray and no other (`ray stop` would end every
+    Ray on the machine, another job's too)."""
     port = free_port()
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", f"--port={port}",
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", f"--port={port}",
            f"--num-cpus={args.processes}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"ray start failed: {proc.stderr[-2000:]}")
-    return f"127.0.0.1:{port}"
+    head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "status", f"--address={address}"],
+                         capture_output=True).returncode != 0:
+        if head.poll() is not None or time.time() > deadline:
+            stop_ray(head)
+            raise RuntimeError(f"ray start failed: {head.stderr.read()[-2000:] if head.stderr else ''}")
+        time.sleep(1.0)
+    return address, head
+
+
+def stop_ray(head: subprocess.Popen) -> None:
+    """End the Ray of start_ray: SIGTERM to its session (the head, its GCS, raylet and workers)."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(head.pid, signal.SIGKILL)
 
 
 def bench_size(n: int, names: list[str], images_dir: str, server, port: int, exe: str | None,
@@ -445,7 +464,7 @@ def compare(args: argparse.Namespace) -> tuple[list[dict], dict]:
                                args.protocol, "--backlog", str(args.backlog)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows, raw = [], {}
-    args.ray_address = start_ray(args) if args.running_ray else None
+    args.ray_address, head = start_ray(args) if args.running_ray else (None, None)
     try:
         time.sleep(1.0)
         for n in sizes:
@@ -454,8 +473,8 @@ def compare(args: argparse.Namespace) -> tuple[list[dict], dict]:
     finally:
         server.terminate()
         server.wait()
-        if args.ray_address:
-            subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop"], capture_output=True)
+        if head:
+            stop_ray(head)
     mb = sum(os.path.getsize(os.path.join(images_dir, n)) for n in names[:max(sizes)]) / 2**20
     if args.ray_address:
         rows.insert(0, {"metric": "maskless crawl joins a running Ray (--running-ray)", "value": args.ray_address,
