@@ -9,7 +9,9 @@ recipe (examples/demo.yaml and its `maskless run` pipeline, maskless/run.py). Pe
     peak of its class inside it, or a peak inside and a mask too small or too large); computed
     in-process from the run's classifier, whose peak responses are cached per cell;
   - stage `full`: the rest of the pipeline (pseudo stage, fidelity, Mask R-CNN on the pseudo masks and
-    on the true masks, both scored on the val split): weak and full mAP^r (voc) at 0.25/0.5/0.75.
+    on the true masks, both scored on the val split): weak and full mAP^r (voc) at 0.25/0.5/0.75. A
+    self-training variant (`default-self`, `cls-e80-self`) adds one round of self-training to its base
+    variant's run folder (train/relabel.py): "weak" is then the second Mask R-CNN, beside the first's.
 The stages before pseudo (world, import, web, crawl, classify) run once per (world, seed) into
 OUT/base/WORLD-sSEED and are shared by every variant (a variant with its own classifier, CLASSIFIERS,
 trains it in OUT/base/WORLD-sSEED-NAME on the same crawl; the `full` stage links them into the variant's
@@ -75,6 +77,10 @@ VARIANTS: dict[str, dict] = {
     "cls-e80-blur-0.015": {"classifier": "e80-steps-60", "response_blur": 0.015},  # masks that can follow a star's arms
     "cls-e80-thr-0.25": {"classifier": "e80-steps-60", "response_threshold": 0.25},  # larger masks before GrabCut
     "cls-e80-core-0.4": {"classifier": "e80-steps-60", "refine_core": 0.4},        # GrabCut's sure-object core larger
+    # one round of self-training (train/relabel.py, the relabel section's defaults) on top of another
+    # variant: run in that variant's folder, so only the four self-training stages are new
+    "default-self": {"self_training_of": "default"},
+    "cls-e80-self": {"self_training_of": "cls-e80-steps-60"},
 }
 SHARED_STAGES = ("world", "import", "web", "crawl", "classify")
 FULL_STAGES = ("train_full", "eval_full")
@@ -88,7 +94,12 @@ def demo_recipe() -> dict:
 
 
 def cell_recipe(world: str, seed: int, variant: dict | None = None) -> dict:
-    """The demo recipe for one world and seed, with the variant's pseudo section and classifier."""
+    """The demo recipe for one world and seed, with the variant's pseudo section and classifier (and,
+    for a self-training variant, its base variant's with run.self_training)."""
+    if variant and "self_training_of" in variant:
+        recipe = cell_recipe(world, seed, VARIANTS[variant["self_training_of"]])
+        recipe["run"]["self_training"] = True
+        return recipe
     pseudo = {k: v for k, v in (variant or {}).items() if k != "classifier"}
     recipe = copy.deepcopy(demo_recipe())
     classifier = (variant or {}).get("classifier")
@@ -366,7 +377,10 @@ def full_cell(out: str, variant: str, world: str, seed: int) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    base = base_folder(out, world, seed, VARIANTS[variant].get("classifier"))
+    spec = VARIANTS[variant]
+    if "self_training_of" in spec:
+        return self_training_cell(out, variant, world, seed)
+    base = base_folder(out, world, seed, spec.get("classifier"))
     run = os.path.join(out, "runs", variant, f"{world}-s{seed}")
     shared = ("world", os.path.join("data", "train"), os.path.join("data", "val"), "web",
               os.path.join("data", "crawl"), "classifier")
@@ -390,6 +404,31 @@ def full_cell(out: str, variant: str, world: str, seed: int) -> dict:
                                      for c, v in res["fidelity"]["per_class"].items()},
               "pseudo_config": VARIANTS[variant], "load_average": os.getloadavg()}
     _save(path, result)
+    return result
+
+
+def self_training_cell(out: str, variant: str, world: str, seed: int) -> dict:
+    """A self-training variant: its base variant's cell first, then the same run folder with
+    run.self_training, which adds only the stages relabel, fidelity_relabel, train_relabel, eval_relabel.
+    "weak" is the self-trained model's mAP^r (the method's result then), "weak_round1" the first's."""
+    from maskless.run import run_pipeline
+
+    of = VARIANTS[variant]["self_training_of"]
+    first = full_cell(out, of, world, seed)
+    run = os.path.join(out, "runs", of, f"{world}-s{seed}")
+    recipe = _write_yaml(cell_recipe(world, seed, VARIANTS[variant]), os.path.join(run, f"recipe-{variant}.yaml"))
+    t0 = time.time()
+    res = run_pipeline(recipe, out=run)["results"]
+    fid = res["fidelity_relabel"]
+    result = {"variant": variant, "world": world, "seed": seed, "seconds": first["seconds"] + time.time() - t0,
+              "weak": res["eval_relabel"]["mAP"]["voc"], "weak_round1": first["weak"], "full": first["full"],
+              "fidelity": {k: fid[k] for k in ("abo_same_class", "precision", "recall", "miou")},
+              "fidelity_round1": first["fidelity"],
+              "fidelity_per_class": {c: {k: v[k] for k in ("gt_instances", "pseudo_instances", "recall", "precision",
+                                                           "abo_same_class")}
+                                     for c, v in fid["per_class"].items()},
+              "pseudo_config": VARIANTS[variant], "load_average": os.getloadavg()}
+    _save(_result_path(out, "full", variant, world, seed), result)
     return result
 
 
@@ -475,6 +514,22 @@ def _full_table(cells: list[dict], lines: list[str]) -> dict:
             row[t] = _stats(vals)
         lines.append(f"| {name} | " + " | ".join(_fmt(row[t], pct=True) for t in ("0.25", "0.5", "0.75")) + " |")
         out[name] = row
+    for name in ("weak_round1",):  # self-training variants: the first round's model, for comparison
+        if all(name in c for c in cells):
+            row = {t: _stats([c[name][t] for c in cells]) for t in ("0.25", "0.5", "0.75")}
+            lines.append(f"| weak, first round | " + " | ".join(_fmt(row[t], pct=True) for t in ("0.25", "0.5", "0.75"))
+                         + " |")
+            out[name] = row
+    fid = {k: _stats([c["fidelity"][k] for c in cells]) for k in ("recall", "precision", "abo_same_class")}
+    lines.append("\nthe masks Mask R-CNN trained on (recall / precision @0.5, ABO): "
+                 + " / ".join(_fmt(fid[k]) for k in ("recall", "precision", "abo_same_class")))
+    if all("fidelity_round1" in c for c in cells):
+        fid1 = {k: _stats([c["fidelity_round1"][k] for c in cells]) for k in ("recall", "precision", "abo_same_class")}
+        lines.append("the first round's pseudo masks: " + " / ".join(_fmt(fid1[k]) for k in ("recall", "precision",
+                                                                                           "abo_same_class")))
+    per_class = {cls: _stats([c["fidelity_per_class"][cls]["recall"] for c in cells])
+                 for cls in cells[0]["fidelity_per_class"]}
+    lines.append("recall@0.5 per class: " + ", ".join(f"{cls} {_fmt(v)}" for cls, v in per_class.items()))
     per_seed = ", ".join(f"s{c['seed']}: {100 * c['weak']['0.5'] / c['full']['0.5']:.0f}%" for c in cells
                          if c["weak"]["0.5"] is not None and c["full"]["0.5"])
     lines.append(f"\nweak/full @0.5 per seed: {per_seed}; pipeline seconds per cell: "
