@@ -187,7 +187,10 @@ def _run_units(cfg: RelabelConfig, todo: list[Unit], use_gpu: bool) -> list[dict
     finally:
         bar.close()
         for actor in actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception as e:  # Ray itself gone (logged above): nothing left to stop
+                log.debug("relabel: could not stop an actor: %s", e)
     return rows
 
 
