@@ -177,3 +177,25 @@ def test_relabel_bad_input(tmp_path, world_shards):
         run_relabel(RelabelConfig(data=world_shards["train"], model="m.pt", out=str(tmp_path / "o"), rule="swap"))
     with pytest.raises(ValueError, match="--out must differ"):
         run_relabel(RelabelConfig(data=world_shards["train"], model="m.pt", out=world_shards["train"]))
+
+
+def test_relabel_unreadable_image_fails_its_unit_only_and_the_cli_says_which(ray_local, world_shards, tmp_path, capsys):
+    from maskless.cli import main
+    from maskless.core import errors
+
+    src, model = str(tmp_path / "pseudo"), str(tmp_path / "model.pt")
+    _export_untrained(model, world_shards["classes"])
+    samples = list(shards.read_dataset(world_shards["train"]))[:8]
+    samples[5].jpg = b"not a jpeg"
+    for i, name in enumerate(("part-000000", "part-000001")):
+        with shards.ShardWriter(src, name) as w:
+            for s in samples[4 * i:4 * i + 4]:
+                w.write(s)
+    shards.write_dataset_info(src, world_shards["classes"], stage="test")
+    out = str(tmp_path / "relabel")
+    with pytest.raises(errors.IncompleteRun, match=r"part-000001_000000-000004.*not a readable image"):
+        run_relabel(RelabelConfig(data=src, model=model, out=out, score=1.0, actors=1, actor_cpus=1))
+    assert shards.shard_names(out) == ["part-000000_000000-000004"]  # the good unit is committed
+    assert main(["relabel", "--data", src, "--model", model, "--out", out, "--score", "1.0", "--actors", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "part-000001_000000-000004" in err and samples[5].key in err and "Traceback" not in err
