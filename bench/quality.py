@@ -49,9 +49,10 @@ WORLDS = {
 # classifier name -> classify-section overrides of the demo recipe; a variant naming one gets its own base
 # folder OUT/base/WORLD-sSEED-NAME, whose world, import, web and crawl are the default base's, linked
 CLASSIFIERS: dict[str, dict] = {
-    "steps-30": {"lr_steps": [30]},                      # the demo's 40 epochs, lr x0.1 for the last 10
-    "e80-steps-60": {"epochs": 80, "lr_steps": [60]},   # twice the epochs, lr x0.1 for the last 20
-    "b8": {"batch_size": 8},                             # twice the steps of half the images: the same compute
+    "e40": {"epochs": 40, "lr_steps": []},               # the demo's classifier until 2026-12-02: 40 epochs, constant lr
+    "steps-30": {"epochs": 40, "lr_steps": [30]},        # 40 epochs, lr x0.1 for the last 10
+    "e80-steps-60": {"epochs": 80, "lr_steps": [60]},   # the demo's since 2026-12-02: lr x0.1 for the last 20
+    "b8": {"epochs": 40, "lr_steps": [], "batch_size": 8},  # twice the steps of half the images: e40's compute
 }
 # variant name -> pseudo-section overrides of the demo recipe ("default" is the recipe as it is), and
 # optionally "classifier": a name of CLASSIFIERS (default: the demo's classifier)
@@ -67,6 +68,7 @@ VARIANTS: dict[str, dict] = {
     "explain-3": {"explain_rounds": 3},            # up to 3 more peaks per class where the class map is unexplained
     "explain-3-0.3": {"explain_rounds": 3, "explain_threshold": 0.3},
     "peak-0.5": {"peak_threshold": 0.5},
+    "cls-e40": {"classifier": "e40"},             # the demo's recipe before 2026-12-02 ("default" in earlier tables)
     "cls-steps-30": {"classifier": "steps-30"},
     "cls-e80-steps-60": {"classifier": "e80-steps-60"},
     "cls-b8": {"classifier": "b8"},
