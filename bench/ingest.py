@@ -344,15 +344,14 @@ def start_ray(args: argparse.Namespace) -> tuple[str, subprocess.Popen]:
     """A Ray head with --processes CPUs, no dashboard: its address and its `ray start --block` process,
     in a session of its own, so that stop_ray ends this Ray and no other (`ray stop` would end every
     Ray on the machine, another job's too)."""
-    port = free_port()
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", f"--port={port}",
+    port, ray_cli = free_port(), os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}",
            f"--num-cpus={args.processes}", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"]
     head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 60
-    while subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "status", f"--address={address}"],
-                         capture_output=True).returncode != 0:
+    while subprocess.run([ray_cli, "status", f"--address={address}"], capture_output=True).returncode != 0:
         if head.poll() is not None or time.time() > deadline:
             stop_ray(head)
             raise RuntimeError(f"ray start failed: {head.stderr.read()[-2000:] if head.stderr else ''}")

@@ -370,6 +370,14 @@ def _link_stages(base: str, run: str, stages: tuple[str, ...], paths: tuple[str,
                 g.write(f.read())
 
 
+def _fidelity_fields(fid: dict) -> dict:
+    """What a full cell keeps of a fidelity stage's result: the totals and, per class, the counts and rates."""
+    return {"fidelity": {k: fid[k] for k in ("abo_same_class", "precision", "recall", "miou")},
+            "fidelity_per_class": {c: {k: v[k] for k in ("gt_instances", "pseudo_instances", "recall", "precision",
+                                                         "abo_same_class")}
+                                   for c, v in fid["per_class"].items()}}
+
+
 def full_cell(out: str, variant: str, world: str, seed: int) -> dict:
     """The pipeline after classify for one variant: pseudo, fidelity, train/eval weak; the full model is
     trained once per (world, seed), in the first variant's run folder, and linked into the others."""
@@ -400,11 +408,7 @@ def full_cell(out: str, variant: str, world: str, seed: int) -> dict:
     result = {"variant": variant, "world": world, "seed": seed, "seconds": time.time() - t0,
               "stage_seconds": summary["stage_seconds"],
               "weak": res["eval_weak"]["mAP"]["voc"], "full": res["eval_full"]["mAP"]["voc"],
-              "fidelity": {k: res["fidelity"][k] for k in ("abo_same_class", "precision", "recall", "miou")},
-              "fidelity_per_class": {c: {k: v[k] for k in ("gt_instances", "pseudo_instances", "recall", "precision",
-                                                           "abo_same_class")}
-                                     for c, v in res["fidelity"]["per_class"].items()},
-              "pseudo_config": VARIANTS[variant], "load_average": os.getloadavg()}
+              **_fidelity_fields(res["fidelity"]), "pseudo_config": VARIANTS[variant], "load_average": os.getloadavg()}
     _save(path, result)
     return result
 
@@ -421,14 +425,9 @@ def self_training_cell(out: str, variant: str, world: str, seed: int) -> dict:
     recipe = _write_yaml(cell_recipe(world, seed, VARIANTS[variant]), os.path.join(run, f"recipe-{variant}.yaml"))
     t0 = time.time()
     res = run_pipeline(recipe, out=run)["results"]
-    fid = res["fidelity_relabel"]
     result = {"variant": variant, "world": world, "seed": seed, "seconds": first["seconds"] + time.time() - t0,
               "weak": res["eval_relabel"]["mAP"]["voc"], "weak_round1": first["weak"], "full": first["full"],
-              "fidelity": {k: fid[k] for k in ("abo_same_class", "precision", "recall", "miou")},
-              "fidelity_round1": first["fidelity"],
-              "fidelity_per_class": {c: {k: v[k] for k in ("gt_instances", "pseudo_instances", "recall", "precision",
-                                                           "abo_same_class")}
-                                     for c, v in fid["per_class"].items()},
+              **_fidelity_fields(res["fidelity_relabel"]), "fidelity_round1": first["fidelity"],
               "pseudo_config": VARIANTS[variant], "load_average": os.getloadavg()}
     _save(_result_path(out, "full", variant, world, seed), result)
     return result
@@ -516,12 +515,11 @@ def _full_table(cells: list[dict], lines: list[str]) -> dict:
             row[t] = _stats(vals)
         lines.append(f"| {name} | " + " | ".join(_fmt(row[t], pct=True) for t in ("0.25", "0.5", "0.75")) + " |")
         out[name] = row
-    for name in ("weak_round1",):  # self-training variants: the first round's model, for comparison
-        if all(name in c for c in cells):
-            row = {t: _stats([c[name][t] for c in cells]) for t in ("0.25", "0.5", "0.75")}
-            lines.append(f"| weak, first round | " + " | ".join(_fmt(row[t], pct=True) for t in ("0.25", "0.5", "0.75"))
-                         + " |")
-            out[name] = row
+    if all("weak_round1" in c for c in cells):  # self-training variants: the first round's model, for comparison
+        row = {t: _stats([c["weak_round1"][t] for c in cells]) for t in ("0.25", "0.5", "0.75")}
+        lines.append("| weak, first round | " + " | ".join(_fmt(row[t], pct=True) for t in ("0.25", "0.5", "0.75"))
+                     + " |")
+        out["weak_round1"] = row
     fid = {k: _stats([c["fidelity"][k] for c in cells]) for k in ("recall", "precision", "abo_same_class")}
     lines.append("\nthe masks Mask R-CNN trained on (recall / precision @0.5, ABO): "
                  + " / ".join(_fmt(fid[k]) for k in ("recall", "precision", "abo_same_class")))

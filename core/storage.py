@@ -33,6 +33,13 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def same_location(a: str, b: str) -> bool:
+    """Whether two paths or URIs name the same folder (a stage's --out must not be its --data)."""
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 def makedirs(uri: str) -> None:
     fs, path = resolve(uri)
     fs.create_dir(path, recursive=True)

@@ -195,9 +195,7 @@ class PseudoConfig:
         if self.cache_proposals and not self.needs_proposals:
             raise ValueError("--cache-proposals keeps the proposals of the prm and wise rules; the response rule "
                              "computes none: pass --rule prm or wise, or drop --cache-proposals")
-        same = (self.data.rstrip("/") == self.out.rstrip("/") if "://" in self.data
-                else os.path.abspath(self.data) == os.path.abspath(self.out))
-        if same:
+        if storage.same_location(self.data, self.out):
             raise ValueError("--out must differ from --data: the pseudo stage writes new shards")
         self.masker_options().validate()
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,9 +76,7 @@ class RelabelConfig:
         if self.actor_cpus <= 0 or self.gpus_per_actor <= 0:
             raise ValueError("--actor-cpus and --gpus-per-actor must be > 0")
         check_resources(self.resources)
-        same = (self.data.rstrip("/") == self.out.rstrip("/") if "://" in self.data
-                else os.path.abspath(self.data) == os.path.abspath(self.out))
-        if same:
+        if storage.same_location(self.data, self.out):
             raise ValueError("--out must differ from --data: relabel writes new shards")
 
 
