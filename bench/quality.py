@@ -53,6 +53,8 @@ CLASSIFIERS: dict[str, dict] = {
     "steps-30": {"epochs": 40, "lr_steps": [30]},        # 40 epochs, lr x0.1 for the last 10
     "e80-steps-60": {"epochs": 80, "lr_steps": [60]},   # the demo's since 2026-12-02: lr x0.1 for the last 20
     "b8": {"epochs": 40, "lr_steps": [], "batch_size": 8},  # twice the steps of half the images: e40's compute
+    "e120-steps-90": {"epochs": 120, "lr_steps": [90]},  # half as long again as the demo's, same lr shape
+    "e80-crop-1": {"epochs": 80, "lr_steps": [60], "crop_scale": 1.0},  # flips only: no crop drops a tagged object
 }
 # variant name -> pseudo-section overrides of the demo recipe ("default" is the recipe as it is), and
 # optionally "classifier": a name of CLASSIFIERS (default: the demo's classifier)
@@ -72,6 +74,8 @@ VARIANTS: dict[str, dict] = {
     "cls-steps-30": {"classifier": "steps-30"},
     "cls-e80-steps-60": {"classifier": "e80-steps-60"},
     "cls-b8": {"classifier": "b8"},
+    "cls-e120-steps-90": {"classifier": "e120-steps-90"},
+    "cls-e80-crop-1": {"classifier": "e80-crop-1"},
     # the 80-epoch classifier with the pseudo-mask levers that need no retraining
     "cls-e80-input-256": {"classifier": "e80-steps-60", "input_size": 256},
     "cls-e80-explain-3": {"classifier": "e80-steps-60", "explain_rounds": 3},
