@@ -6,10 +6,11 @@ R-CNN, same recipe, trains on its masks and is scored on the same val split. Iss
 published cheap lever: what CIM and BESTIE publish (+4.8 and about +8.4 mAP50) is the step before, a Mask
 R-CNN trained on the first stage's pseudo masks, which maskless's weak model already is; no figure of a
 further round was found (docs/REFERENCES.md). Here it runs on folders that bench.quality already trained,
-so that the rules (--rule add | replace, --score) are compared without retraining what comes before.
+so that the rules (--rule add | split | replace, --score) are compared without retraining what comes
+before.
 
     .venv/bin/python -m bench.relabel --run /tmp/quality/runs/cls-e80-steps-60/w8-s1 [--score 0.5]
-        [--rule add|replace] [--fidelity-only]
+        [--rule add|split|replace] [--fidelity-only]
 
 RUN is a `maskless run` (or bench.quality) folder: recipe.yaml, data/pseudo, data/val, models/weak/model.pt,
 stages/eval_weak.json (and eval_full.json, when the run trained on the true masks). Writes
@@ -26,13 +27,14 @@ import yaml
 
 from bench.common import write_result
 from maskless.core import storage
+from maskless.train.relabel import RULES
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a run folder with models/weak and data/pseudo")
     ap.add_argument("--score", type=float, default=0.5, help="least detection score of a new label")
-    ap.add_argument("--rule", default="add", choices=("replace", "add"), help="how new labels meet the old")
+    ap.add_argument("--rule", default="add", choices=RULES, help="how new labels meet the old (train/relabel.py)")
     ap.add_argument("--fidelity-only", action="store_true", help="relabel and score the masks; train nothing")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     ap.add_argument("--json", default=None, help="write the result here (default RUN/relabel-RULE-SCORE/bench.json)")
@@ -58,8 +60,8 @@ def main() -> None:
     before = storage.read_json(os.path.join(run, "reports", "fidelity", "fidelity.json"))
     after = run_fidelity(FidelityConfig(data=os.path.join(out, "data"), out=os.path.join(out, "reports", "fidelity"),
                                         grid_images=0))
-    rows = [{"metric": "relabelled images / instances (old pseudo instances kept)",
-             "value": f"{counts['samples']} / {counts['instances']} ({counts['kept_old']})", "unit": ""},
+    rows = [{"metric": "relabelled images / instances (old pseudo instances kept, split)",
+             "value": f"{counts['samples']} / {counts['instances']} ({counts['kept_old']}, {counts['split']})", "unit": ""},
             {"metric": "relabel seconds", "value": round(relabel_s, 1), "unit": "s"}]
     for name in ("recall", "precision", "abo_same_class"):
         rows.append({"metric": f"pseudo masks {name}, before -> after",

@@ -1,6 +1,7 @@
 """The relabel stage (train/relabel.py): its rules on a stand-in model whose detections are known (rule
 replace: the model's masks of an image's own tags at the score threshold, the old pseudo instances of a tag
-it does not find, nothing of an untagged class; rule add: every old instance plus what overlaps none),
+it does not find, nothing of an untagged class; rule add: every old instance plus what overlaps none; rule
+split: a pseudo mask over two objects replaced by the model's two detections inside it),
 and the stage on Ray: every sample once in units named after their input slice, a rerun redoing only a
 missing unit, another model's output refused, bad input named."""
 import io
@@ -60,12 +61,16 @@ def _sample(key, labels, old):
 
 
 def relabel(model, classes, src, dst, score, rule="replace"):
-    """relabel_unit over every shard of src as one unit each (no Ray), then counts over all of dst."""
+    """relabel_unit over every shard of src as one unit each (no Ray), then counts over all of dst (and the
+    pseudo instances split, as the units' rows count them)."""
     cfg = RelabelConfig(data=src, model="stand-in", out=dst, rule=rule, score=score)
+    split = 0
     for name in shards.shard_names(src):
         (unit,) = plan_shard(src, name, 100).units
-        assert relabel_unit(model, classes, torch.device("cpu"), unit, cfg)["error"] == ""
-    counts = {"images": 0, "instances": 0, "kept_old": 0}
+        row = relabel_unit(model, classes, torch.device("cpu"), unit, cfg)
+        assert row["error"] == ""
+        split += row["split"]
+    counts = {"images": 0, "instances": 0, "kept_old": 0, **({"split": split} if rule == "split" else {})}
     for s in shards.read_dataset(dst):
         counts["images"] += 1
         counts["instances"] += len(s.pseudo["instances"])
@@ -122,6 +127,38 @@ def test_relabel_add_keeps_every_old_instance_and_adds_only_what_overlaps_none(t
     assert s.pseudo["rule"] == "response" and s.pseudo["relabel"]["rule"] == "add"
 
 
+def test_relabel_split_replaces_a_mask_over_two_objects_by_the_two_detections_inside_it(tmp_path):
+    src = str(tmp_path / "pseudo")
+    pair, single = _box(2, 12, 2, 22), _box(20, 30, 20, 30)
+    with shards.ShardWriter(src, "part-000000") as w:
+        w.write(_sample("a", ["disc", "bar"], [("disc", pair), ("disc", single)]))
+    shards.write_dataset_info(src, CLASSES, stage="test")
+    model = StandIn().eval()
+    model.dets = [(1, 0.9, _box(2, 12, 2, 12)),     # the pair's left disc: all of it inside the pair's mask
+                  (1, 0.85, _box(2, 12, 12, 22)),   # its right disc
+                  (1, 0.7, _box(2, 12, 2, 22)),     # the whole pair: IoU 0.5 with each half, not a third disc
+                  (1, 0.9, _box(21, 30, 21, 30)),   # the single disc: one detection inside, the old mask stays
+                  (2, 0.8, _box(14, 18, 0, 8)),     # a bar no pseudo mask has: added
+                  (3, 0.95, _box(14, 18, 14, 18))]  # star: not a tag of the image
+
+    counts = relabel(model, CLASSES, src, str(tmp_path / "split"), score=0.5, rule="split")
+
+    (s,) = list(shards.read_dataset(str(tmp_path / "split")))
+    got = sorted((i["class"], i["score"], i["from"], tuple(i["bbox"])) for i in s.pseudo["instances"])
+    assert got == [("bar", 0.8, "model", (0.0, 14.0, 8.0, 4.0)),
+                   ("disc", 0.85, "model", (12.0, 2.0, 10.0, 10.0)),
+                   ("disc", 0.9, "model", (2.0, 2.0, 10.0, 10.0)),
+                   ("disc", 1.0, "pseudo", (20.0, 20.0, 10.0, 10.0))]
+    assert counts == {"images": 1, "instances": 4, "kept_old": 1, "split": 1}
+    assert s.pseudo["relabel"] == {"model": "stand-in", "rule": "split", "score": 0.5, "split_inside": 0.8}
+
+    # rule add on the same detections cannot mend the pair: each half overlaps its mask at IoU 0.5
+    relabel(model, CLASSES, src, str(tmp_path / "add"), score=0.5, rule="add")
+    (s,) = list(shards.read_dataset(str(tmp_path / "add")))
+    assert sorted((i["class"], i["from"]) for i in s.pseudo["instances"]) == [
+        ("bar", "model"), ("disc", "pseudo"), ("disc", "pseudo")]
+
+
 def _export_untrained(path, classes):
     from maskless.train.maskrcnn import build_model, build_options, save_model
 
@@ -175,6 +212,9 @@ def test_relabel_bad_input(tmp_path, world_shards):
         run_relabel(RelabelConfig(data=str(tmp_path / "unfinished"), model="m.pt", out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="--rule"):
         run_relabel(RelabelConfig(data=world_shards["train"], model="m.pt", out=str(tmp_path / "o"), rule="swap"))
+    with pytest.raises(ValueError, match="--split-inside"):
+        run_relabel(RelabelConfig(data=world_shards["train"], model="m.pt", out=str(tmp_path / "o"), rule="split",
+                                  split_inside=0.0))
     with pytest.raises(ValueError, match="--out must differ"):
         run_relabel(RelabelConfig(data=world_shards["train"], model="m.pt", out=world_shards["train"]))
 

@@ -3,10 +3,14 @@ the same train images again, and a second Mask R-CNN trains on the result (`mask
 `run.self_training: true`; measured in docs/PSEUDO.md, "one round of self-training").
 
 Weak supervision knows only the image's tags, so only detections of those classes count, at score >=
---score. Two rules (--rule):
+--score. Three rules (--rule):
   - add (default): every pseudo instance stays, and each detection that overlaps none of them (mask IoU <
     --max-iou) is added: the model has learnt objects whose peaks the classifier missed, and that is
     where pseudo masks lose most (objects with no peak inside them, docs/PSEUDO.md);
+  - split: as add, and first a pseudo instance that holds two or more detections of its class (each with
+    at least --split-inside of its area inside it, and overlapping each other under --max-iou) is
+    replaced by them: two touching objects of a class get one peak and one mask between them, which
+    add cannot mend (each detection overlaps the pair's mask at about IoU 0.5);
   - replace: the detections instead of the pseudo instances; a tag the model finds nowhere in the image
     keeps its old instances, so no class disappears from an image. Measured: it loses (its masks are
     less precise than the ones they replace).
@@ -35,7 +39,7 @@ from maskless.core.resources import check_resources, gpu_stage_options, has_gpus
 from maskless.core.units import UNIT_SIZE, Unit, check_earlier_units, plan_shard, write_unit_plan
 
 log = logging.getLogger(__name__)
-RULES = ("add", "replace")
+RULES = ("add", "split", "replace")
 PLAN_FILE = "relabel.units.json"
 SUMMARY_FILE = "relabel.summary.json"
 
@@ -46,11 +50,15 @@ class RelabelConfig:
     model: str = field(default="", metadata={"help": "Mask R-CNN trained on those masks (model.pt of `maskless train`)"})
     out: str = field(default="", metadata={"help": "output shard dataset (the new pseudo masks)"})
     rule: str = field(default="add", metadata={"help": "add: keep the pseudo instances and add the detections "
-                                                       "that overlap none; replace: the detections instead",
+                                                       "that overlap none; split: add, after replacing a pseudo "
+                                                       "instance that holds two or more detections by them; "
+                                                       "replace: the detections instead",
                                                "choices": list(RULES)})
     score: float = field(default=0.5, metadata={"help": "least detection score of a new instance"})
     max_iou: float = field(default=0.3, metadata={
-        "help": "rule add: a detection whose mask IoU with a pseudo instance reaches this is that instance"})
+        "help": "rules add, split: a detection whose mask IoU with a pseudo instance reaches this is that instance"})
+    split_inside: float = field(default=0.8, metadata={
+        "help": "rule split: a detection is part of a pseudo instance when this share of its area lies inside it"})
     unit_size: int = field(default=UNIT_SIZE, metadata={
         "help": "samples per work unit (one output shard each), whatever the input's sharding"})
     batch_size: int = field(default=4, metadata={"help": "images per Mask R-CNN forward pass"})
@@ -69,8 +77,9 @@ class RelabelConfig:
                 raise ValueError(f"relabel needs --{name}")
         if self.rule not in RULES:
             raise ValueError(f"--rule must be one of {', '.join(RULES)}, got {self.rule!r}")
-        if not 0 <= self.score <= 1 or not 0 < self.max_iou <= 1:
-            raise ValueError(f"--score must be in [0, 1] and --max-iou in (0, 1], got {self.score} and {self.max_iou}")
+        if not 0 <= self.score <= 1 or not 0 < self.max_iou <= 1 or not 0 < self.split_inside <= 1:
+            raise ValueError(f"--score must be in [0, 1], --max-iou and --split-inside in (0, 1], got {self.score}, "
+                             f"{self.max_iou} and {self.split_inside}")
         if min(self.unit_size, self.batch_size, self.actors, self.threads) < 1:
             raise ValueError("--unit-size, --batch-size, --actors and --threads must be >= 1")
         if self.actor_cpus <= 0 or self.gpus_per_actor <= 0:
@@ -81,24 +90,56 @@ class RelabelConfig:
 
 
 def relabel_instances(labels: list[str], old: list[dict], found: list[tuple[str, float, np.ndarray]],
-                      rule: str, max_iou: float) -> list[dict]:
+                      rule: str, max_iou: float, split_inside: float = 0.8) -> list[dict]:
     """The new instance list of one image: `old` its pseudo instances, `found` the model's detections
     (class, score, bool HxW mask) at the score threshold. Detections of classes the image is not tagged
     with are dropped (weak supervision knows the tags only)."""
     new = [{"class": c, "score": round(float(p), 4), "mask": masks.encode(m), "from": "model"}
            for c, p, m in found if c in labels]
     before = [{**i, "from": "pseudo"} for i in old]
-    if rule == "add":
-        kept_old = before
-        if new and before:
-            overlap = masks.iou_matrix([i["mask"] for i in new], [i["mask"] for i in before])
-            new = [inst for inst, row in zip(new, overlap) if not (row >= max_iou).any()]
-    else:
+    if rule == "replace":
         missing = set(labels) - {i["class"] for i in new}
-        kept_old = [i for i in before if i["class"] in missing]
-    for inst in new:
-        inst["bbox"] = masks.bbox_xywh(inst["mask"])
-    return new + kept_old
+        kept = [i for i in before if i["class"] in missing]
+    else:
+        parts = []
+        if rule == "split":
+            before, parts, new = split_pairs(before, new, max_iou, split_inside)
+        kept = before + parts
+        if new and kept:
+            overlap = masks.iou_matrix([i["mask"] for i in new], [i["mask"] for i in kept])
+            new = [inst for inst, row in zip(new, overlap) if not (row >= max_iou).any()]
+    for inst in new + kept:
+        inst.setdefault("bbox", masks.bbox_xywh(inst["mask"]))
+    return new + kept
+
+
+def split_pairs(old: list[dict], found: list[dict], max_iou: float, inside: float
+                ) -> tuple[list[dict], list[dict], list[dict]]:
+    """Rule split: (the pseudo instances kept, the detections that replace the others, the detections
+    left). A pseudo instance is replaced when two or more detections of its class lie in it (at least
+    `inside` of each one's area), taken by score and each overlapping those taken before under `max_iou`
+    (a detection of the whole pair beside its halves is not a third object). One detection inside keeps
+    the pseudo instance: then the model saw one object there too."""
+    if not old or not found:
+        return old, [], found
+    det_masks = [d["mask"] for d in found]
+    area_d = masks.areas(det_masks)
+    share = masks.intersections(det_masks, [i["mask"] for i in old], area_d) / np.maximum(area_d, 1)[:, None]
+    pairwise = masks.iou_matrix(det_masks, det_masks, area_d, area_d)
+    used: set[int] = set()
+    kept, parts = [], []
+    for j, inst in enumerate(old):
+        chosen: list[int] = []
+        for d in sorted(range(len(found)), key=lambda d: -found[d]["score"]):
+            if (d not in used and found[d]["class"] == inst["class"] and share[d, j] >= inside
+                    and all(pairwise[d, c] < max_iou for c in chosen)):
+                chosen.append(d)
+        if len(chosen) >= 2:
+            used.update(chosen)
+            parts += [{**found[d], "split_of": j} for d in chosen]
+        else:
+            kept.append(inst)
+    return kept, parts, [d for k, d in enumerate(found) if k not in used]
 
 
 def model_digest(path: str) -> str:
@@ -113,7 +154,8 @@ def relabel_unit(model: Any, classes: list[str], device: Any, unit: Unit, cfg: R
     from maskless.train.predict import decode, detect
 
     start = time.time()
-    row = {"unit": unit.name, "count": 0, "added": 0, "kept_old": 0, "instances": 0, "seconds": 0.0, "error": ""}
+    row = {"unit": unit.name, "count": 0, "added": 0, "kept_old": 0, "split": 0, "instances": 0, "seconds": 0.0,
+           "error": ""}
     if storage.exists(storage.join(cfg.out, unit.name + ".tar")):
         return row  # committed by an earlier attempt whose result was lost: never write it twice
     try:
@@ -125,16 +167,19 @@ def relabel_unit(model: Any, classes: list[str], device: Any, unit: Unit, cfg: R
                 for s, dets in zip(batch, detect(model, images, device, cfg.score)):
                     found = [(classes[c], p, m.numpy()) for c, p, m in dets]
                     old = (s.pseudo or {}).get("instances", [])
-                    instances = relabel_instances(s.labels, old, found, cfg.rule, cfg.max_iou)
+                    instances = relabel_instances(s.labels, old, found, cfg.rule, cfg.max_iou, cfg.split_inside)
                     s.pseudo = {**(s.pseudo or {}), "instances": instances,
-                                "relabel": {"model": cfg.model, "rule": cfg.rule, "score": cfg.score}}
+                                "relabel": {"model": cfg.model, "rule": cfg.rule, "score": cfg.score,
+                                            **({"split_inside": cfg.split_inside} if cfg.rule == "split" else {})}}
                     writer.write(s)
                     row["added"] += sum(i["from"] == "model" for i in instances)
                     row["kept_old"] += sum(i["from"] == "pseudo" for i in instances)
+                    row["split"] += len({i["split_of"] for i in instances if "split_of" in i})
                     row["instances"] += len(instances)
             row["count"] = len(writer)
             writer.commit({"stage": "relabel", "input_shard": unit.shard, "input_samples": [unit.start, unit.stop],
-                           "pseudo_instances": row["instances"], "added": row["added"], "kept_old": row["kept_old"]})
+                           "pseudo_instances": row["instances"], "added": row["added"], "kept_old": row["kept_old"],
+                           "split": row["split"]})
     except Exception as e:  # the writer aborted: no output shard; reported, and a rerun redoes it
         log.exception("unit %s failed", unit.name)
         row["error"] = f"{type(e).__name__}: {e}"
@@ -228,6 +273,7 @@ def run_relabel(cfg: RelabelConfig) -> dict:
                "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3) if images else 0.0,
                "instances": sum(s.get("pseudo_instances", 0) for s in stats),
                "added": sum(s.get("added", 0) for s in stats), "kept_old": sum(s.get("kept_old", 0) for s in stats),
+               "split": sum(s.get("split", 0) for s in stats),
                "rule": cfg.rule, "score": cfg.score, "gpu": use_gpu, "out": cfg.out}
     storage.write_json_atomic(storage.join(cfg.out, SUMMARY_FILE), summary)
     if missing:
