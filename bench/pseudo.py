@@ -15,7 +15,10 @@
    actor while busy (the stage summary's per_actor) with its busy seconds and how long after the
    stage's first unit its own first unit was read (a late actor's start); the 1 -> 2 actor scaling efficiency =
    throughput(2) / (2 x throughput(1)) on the first-to-last figure, with the load average around each
-   run (the machine may be shared: the figure means something only on an idle one).
+   run (the machine may be shared: the figure means something only on an idle one). With --repeats N the
+   1- and 2-actor pair runs N times, in the order 1,2 then 2,1 and so on (the machine's own speed drifts
+   between minutes, so each repeat pairs two runs next to each other), and the efficiencies are printed
+   per repeat and as their median and range.
 3. The machine's own ceiling for that figure (`--skip-plain` to leave it out): the same per-image work
    as an actor's (decode, classifier forward in batches of the stage's --forward-batch, peaks, their
    back-propagation, masks, GrabCut; no tar writing) in 1 and then 2 plain processes of 1 torch and
@@ -123,61 +126,75 @@ def _oracle(samples: list[shards.Sample], proposals: list, considered_only: bool
             "miou": None, "pseudo_instances": n_props, "gt_instances": len(best)}
 
 
-def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int, cfg_kw: dict) -> dict:
-    import ray
-
-    from maskless.ray_runtime import init_ray
-
+def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int, cfg_kw: dict,
+               repeats: int = 1) -> dict:
+    """The stage on ONE shard with 1 and 2 actors, `repeats` times in the order 1,2 / 2,1 / 1,2 ...:
+    the machine's speed drifts by about 10 % from minute to minute (BENCHMARKS.md), so each repeat's
+    efficiency pairs two runs next to each other in time, and the spread over repeats is printed."""
     data = os.path.join(out, f"throughput-data-{len(samples)}")
     if not shards.list_shards(data):  # ONE shard: the stage's parallelism must come from its units
         shards.write_shards(samples, data, "bench", max_count=len(samples))
         shards.write_dataset_info(data, load_classifier(run)[1], stage="bench")
-    result: dict = {"input_shards": len(shards.shard_names(data)), "unit_size": unit_size}
-    for actors in (1, 2):
-        dest = os.path.join(out, f"throughput-{actors}")
-        shutil.rmtree(dest, ignore_errors=True)
-        init_ray(num_cpus=4)
-        try:
-            load_before = os.getloadavg()[0]
-            tree = TreeCPU()  # this process and its descendants: Ray's processes, the actors, the readers
-            tree.watch(os.getpid())
-            t = time.time()
-            summary = run_pseudo(PseudoConfig(classifier=run, data=data, out=dest, actors=actors, unit_size=unit_size,
-                                              **cfg_kw))
-            wall = time.time() - t
-            tree.stop()
-        finally:
-            ray.shutdown()
-        cpu = {k: round(v, 2) for k, v in tree.by_title().items() if v >= 0.05}
-        stats = shards.read_stats(dest)
-        first, last = min(s["read_started"] for s in stats), max(s["finished"] for s in stats)
-        span = last - first
-        # when each actor's first unit was read, after the stage's first: a late actor's start is time
-        # the window counts and no actor's busy time does
-        lag, start_up = {}, {}
-        for s in stats:
-            lag[s["actor"]] = min(lag.get(s["actor"], float("inf")), s["read_started"] - first)
-            # when the actor's constructor began and ended, after the stage began (run_pseudo's call)
-            start_up[s["actor"]] = [round(s["actor_started"] - t, 2), round(s["actor_ready"] - t, 2)]
-        # from the first actor's constructor end: the start-up of Ray Data and of the actors left out,
-        # which reading (now ahead of the actors) would otherwise put inside the window
-        ready_span = last - min(s["actor_ready"] for s in stats)
-        result[actors] = {"images": summary["images"], "units": summary["units"], "wall_s": wall,
-                          "images_per_s_from_actor_ready": summary["images"] / ready_span,
-                          "images_per_s_end_to_end": summary["images"] / wall,
-                          "images_per_s": summary["images"] / span, "window_s": span,
-                          "first_read_after_s": round(first - t, 2),
-                          "per_actor": {k: {**v, "first_unit_after_s": round(lag.get(k, float("nan")), 2),
-                                            "constructor_s_after_start": start_up.get(k)}
-                                        for k, v in summary["per_actor"].items()},
-                          "cpu_s_by_process": cpu, "cpu_s": round(sum(cpu.values()), 2),
-                          "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    result["efficiency"] = result[2]["images_per_s"] / (2 * result[1]["images_per_s"])
-    result["efficiency_from_actor_ready"] = (result[2]["images_per_s_from_actor_ready"]
-                                             / (2 * result[1]["images_per_s_from_actor_ready"]))
-    result["efficiency_end_to_end"] = (result[2]["images_per_s_end_to_end"]
-                                       / (2 * result[1]["images_per_s_end_to_end"]))
+    result: dict = {"input_shards": len(shards.shard_names(data)), "unit_size": unit_size, "repeats": []}
+    for rep in range(repeats):
+        runs = {a: _stage_run(run, data, os.path.join(out, f"throughput-{a}"), a, unit_size, cfg_kw)
+                for a in ((1, 2) if rep % 2 == 0 else (2, 1))}
+        for key, rate in (("efficiency", "images_per_s"), ("efficiency_from_actor_ready", "images_per_s_from_actor_ready"),
+                          ("efficiency_end_to_end", "images_per_s_end_to_end")):
+            runs[key] = runs[2][rate] / (2 * runs[1][rate])
+        result["repeats"].append(runs)
+    first = result["repeats"][0]
+    result.update({1: first[1], 2: first[2]})  # the detailed rows: the first repeat's
+    for key in ("efficiency", "efficiency_from_actor_ready", "efficiency_end_to_end"):
+        values = [r[key] for r in result["repeats"]]
+        result[key] = float(np.median(values))
+        result[key + "_range"] = [min(values), max(values)]
     return result
+
+
+def _stage_run(run: str, data: str, dest: str, actors: int, unit_size: int, cfg_kw: dict) -> dict:
+    """One run of the stage (a fresh local Ray) over `data` with `actors` actors: its rates and timings."""
+    import ray
+
+    from maskless.ray_runtime import init_ray
+
+    shutil.rmtree(dest, ignore_errors=True)
+    init_ray(num_cpus=4)
+    try:
+        load_before = os.getloadavg()[0]
+        tree = TreeCPU()  # this process and its descendants: Ray's processes, the actors, the readers
+        tree.watch(os.getpid())
+        t = time.time()
+        summary = run_pseudo(PseudoConfig(classifier=run, data=data, out=dest, actors=actors, unit_size=unit_size,
+                                          **cfg_kw))
+        wall = time.time() - t
+        tree.stop()
+    finally:
+        ray.shutdown()
+    cpu = {k: round(v, 2) for k, v in tree.by_title().items() if v >= 0.05}
+    stats = shards.read_stats(dest)
+    first, last = min(s["read_started"] for s in stats), max(s["finished"] for s in stats)
+    span = last - first
+    # when each actor's first unit was read, after the stage's first: a late actor's start is time
+    # the window counts and no actor's busy time does
+    lag, start_up = {}, {}
+    for s in stats:
+        lag[s["actor"]] = min(lag.get(s["actor"], float("inf")), s["read_started"] - first)
+        # when the actor's constructor began and ended, after the stage began (run_pseudo's call)
+        start_up[s["actor"]] = [round(s["actor_started"] - t, 2), round(s["actor_ready"] - t, 2)]
+    # from the first actor's constructor end: the start-up of Ray and of the actors left out,
+    # which reading (ahead of the actors) would otherwise put inside the window
+    ready_span = last - min(s["actor_ready"] for s in stats)
+    return {"images": summary["images"], "units": summary["units"], "wall_s": wall,
+            "images_per_s_from_actor_ready": summary["images"] / ready_span,
+            "images_per_s_end_to_end": summary["images"] / wall,
+            "images_per_s": summary["images"] / span, "window_s": span,
+            "first_read_after_s": round(first - t, 2),
+            "per_actor": {k: {**v, "first_unit_after_s": round(lag.get(k, float("nan")), 2),
+                              "constructor_s_after_start": start_up.get(k)}
+                          for k, v in summary["per_actor"].items()},
+            "cpu_s_by_process": cpu, "cpu_s": round(sum(cpu.values()), 2),
+            "load_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def _plain_worker(run: str, data: str, first: int, stop: int, barrier, results) -> None:
@@ -256,6 +273,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=60, help="images for the fidelity table")
     ap.add_argument("--throughput-images", type=int, default=200, help="images of the throughput part's one shard")
     ap.add_argument("--unit-size", type=int, default=UNIT_SIZE, help="the stage's --unit-size in the throughput part")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of the throughput part's 1- and 2-actor pair (order 1,2 then 2,1 ...): median and range")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-plain", action="store_true", help="leave out the plain-process ceiling (part 3)")
@@ -292,7 +311,7 @@ def main() -> None:
         extra.update(table=table, images=len(samples))
     if not args.skip_throughput:
         samples = list(itertools.islice(shards.read_dataset(data), args.throughput_images))
-        tp = throughput(run, samples, args.out, args.unit_size, {"max_peaks": 10})
+        tp = throughput(run, samples, args.out, args.unit_size, {"max_peaks": 10}, args.repeats)
         for a in (1, 2):
             rows += [{"metric": f"{a} CPU actor(s): images/s, first to last unit", "value": tp[a]["images_per_s"],
                       "unit": "img/s"},
@@ -318,12 +337,20 @@ def main() -> None:
                      for name, v in tp[a]["cpu_s_by_process"].items()]
             rows.append({"metric": f"{a} CPU actor(s): 1-min load average before, after", "unit": "",
                          "value": " / ".join(map(str, tp[a]["load_1min_before_after"]))})
-        rows.append({"metric": f"1 -> 2 actor scaling efficiency, one shard of {len(samples)}",
-                     "value": tp["efficiency"], "unit": ""})
-        rows.append({"metric": "1 -> 2 actor scaling efficiency, first actor ready to last unit",
-                     "value": tp["efficiency_from_actor_ready"], "unit": ""})
-        rows.append({"metric": "1 -> 2 actor scaling efficiency, whole stage (run_pseudo's call)",
-                     "value": tp["efficiency_end_to_end"], "unit": ""})
+        for i, r in enumerate(tp["repeats"]):
+            rows.append({"metric": f"repeat {i + 1}: images/s 1 / 2 actors, first actor ready to last unit; whole stage",
+                         "unit": "img/s", "value": f"{r[1]['images_per_s_from_actor_ready']:.2f} / "
+                                                   f"{r[2]['images_per_s_from_actor_ready']:.2f}; "
+                                                   f"{r[1]['images_per_s_end_to_end']:.2f} / {r[2]['images_per_s_end_to_end']:.2f}"})
+            rows.append({"metric": f"repeat {i + 1}: efficiency first unit read / first actor ready / whole stage",
+                         "unit": "", "value": f"{r['efficiency']:.3f} / {r['efficiency_from_actor_ready']:.3f} / "
+                                             f"{r['efficiency_end_to_end']:.3f}"})
+        over = f" (median of {len(tp['repeats'])} repeats; range {{:.3f}}-{{:.3f}})" if len(tp["repeats"]) > 1 else ""
+        for key, what in (("efficiency", f"one shard of {len(samples)}, first unit read to last committed"),
+                          ("efficiency_from_actor_ready", "first actor ready to last unit"),
+                          ("efficiency_end_to_end", "whole stage (run_pseudo's call)")):
+            rows.append({"metric": f"1 -> 2 actor scaling efficiency, {what}" + over.format(*tp[key + "_range"]),
+                         "value": tp[key], "unit": ""})
         extra["throughput"] = tp
     if not args.skip_plain:
         data_one = os.path.join(args.out, f"throughput-data-{args.throughput_images}")
