@@ -27,14 +27,14 @@ import yaml
 
 from bench.common import write_result
 from maskless.core import storage
-from maskless.train.relabel import RULES
+from maskless.train.relabel import RULES, RelabelConfig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a run folder with models/weak and data/pseudo")
     ap.add_argument("--score", type=float, default=0.5, help="least detection score of a new label")
-    ap.add_argument("--rule", default="add", choices=RULES, help="how new labels meet the old (train/relabel.py)")
+    ap.add_argument("--rule", default=RelabelConfig.rule, choices=RULES, help="how new labels meet the old (train/relabel.py)")
     ap.add_argument("--fidelity-only", action="store_true", help="relabel and score the masks; train nothing")
     ap.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray")
     ap.add_argument("--json", default=None, help="write the result here (default RUN/relabel-RULE-SCORE/bench.json)")
@@ -44,7 +44,7 @@ def main() -> None:
     from maskless.ray_runtime import init_ray
     from maskless.run import _stage_config
     from maskless.train.evaluate import run_eval
-    from maskless.train.relabel import RelabelConfig, run_relabel
+    from maskless.train.relabel import run_relabel
     from maskless.train.trainer import run_train
 
     run = os.path.abspath(args.run)

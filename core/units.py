@@ -121,8 +121,8 @@ def check_earlier_units(data: str, out: str, unit_size: int, plans: list[ShardPl
                              f"or use a new --out")
         for key, value in extra.items():
             if earlier.get(key) != value:
-                raise ValueError(f"{out} holds units made with {key} {earlier.get(key)}, this run has {value}: "
-                                 f"use a new --out")
+                raise ValueError(f"{out} holds units made with {key} {earlier.get(key, '(not recorded)')}, this "
+                                 f"run has {value}: use a new --out")
         if shard not in now:
             raise ValueError(f"input shard {shard} is gone from {data}, but {len(done)} unit(s) of it are in "
                              f"{out} (e.g. {min(done)}): {hint}")

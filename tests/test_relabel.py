@@ -170,7 +170,8 @@ def _export_untrained(path, classes):
 
 def test_relabel_stage_on_ray_every_sample_once_and_reruns_only_what_is_missing(ray_local, world_shards, tmp_path):
     """Pseudo-like input of 18 train samples in shards of 6, units of 4: 3 x 2 units (4 + 2) on 2 actors.
-    Score 1.0: no detection can pass (scores are < 1), so rule add keeps exactly the old instances."""
+    Score 1.0: no detection can pass (scores are < 1), so the default rule (split, then add) keeps exactly
+    the old instances."""
     src, out, model = world_shards["train"], str(tmp_path / "relabel"), str(tmp_path / "model.pt")
     _export_untrained(model, world_shards["classes"])
     cfg = RelabelConfig(data=src, model=model, out=out, score=1.0, unit_size=4, actors=2, actor_cpus=1)
@@ -183,7 +184,8 @@ def test_relabel_stage_on_ray_every_sample_once_and_reruns_only_what_is_missing(
     before = {s.key: s for s in shards.read_dataset(src)}
     after = {s.key: s for s in shards.read_dataset(out)}
     assert sorted(after) == sorted(before)
-    for key, s in after.items():  # rule add with nothing found: the pseudo instances, unchanged, marked as kept
+    assert cfg.rule == "split"
+    for key, s in after.items():  # split and add with nothing found: the pseudo instances, unchanged, marked as kept
         old = (before[key].pseudo or {}).get("instances", [])
         assert [i["mask"] for i in s.pseudo["instances"]] == [i["mask"] for i in old]
         assert {i["from"] for i in s.pseudo["instances"]} <= {"pseudo"} and s.jpg == before[key].jpg
@@ -202,6 +204,11 @@ def test_relabel_stage_on_ray_every_sample_once_and_reruns_only_what_is_missing(
         f.write(b"\0")  # another file, another digest
     with pytest.raises(ValueError, match="model_sha256"):
         run_relabel(RelabelConfig(**{**cfg.__dict__, "model": str(tmp_path / "other.pt")}))
+    # another rule (or score) on the same model: refused too, naming what differs
+    with pytest.raises(ValueError, match="rule split, this run has add"):
+        run_relabel(RelabelConfig(**{**cfg.__dict__, "rule": "add"}))
+    with pytest.raises(ValueError, match="score 1.0, this run has 0.9"):
+        run_relabel(RelabelConfig(**{**cfg.__dict__, "score": 0.9}))
 
 
 def test_relabel_bad_input(tmp_path, world_shards):

@@ -4,16 +4,18 @@ the same train images again, and a second Mask R-CNN trains on the result (`mask
 
 Weak supervision knows only the image's tags, so only detections of those classes count, at score >=
 --score. Three rules (--rule):
-  - add (default): every pseudo instance stays, and each detection that overlaps none of them (mask IoU <
+  - add: every pseudo instance stays, and each detection that overlaps none of them (mask IoU <
     --max-iou) is added: the model has learnt objects whose peaks the classifier missed, and that is
     where pseudo masks lose most (objects with no peak inside them, docs/PSEUDO.md);
-  - split: as add, and first a pseudo instance that holds two or more detections of its class (each with
+  - split (default): as add, and first a pseudo instance that holds two or more detections of its class (each with
     at least --split-inside of its area inside it, and overlapping each other under --max-iou) is
     replaced by them: two touching objects of a class get one peak and one mask between them, which
     add cannot mend (each detection overlaps the pair's mask at about IoU 0.5);
   - replace: the detections instead of the pseudo instances; a tag the model finds nowhere in the image
     keeps its old instances, so no class disappears from an image. Measured: it loses (its masks are
     less precise than the ones they replace).
+split is the default since its masks scored at least as well as add's on every world and seed measured
+(docs/PSEUDO.md, "add against split"); the two differ only where split finds a pair.
 Every instance records where it came from ("from": "pseudo" or "model").
 
 Work units of at most --unit-size samples (core/units.py), whatever the input's sharding, on --actors
@@ -49,7 +51,7 @@ class RelabelConfig:
     data: str = field(default="", metadata={"help": "pseudo-mask shard dataset (the pseudo stage's output)"})
     model: str = field(default="", metadata={"help": "Mask R-CNN trained on those masks (model.pt of `maskless train`)"})
     out: str = field(default="", metadata={"help": "output shard dataset (the new pseudo masks)"})
-    rule: str = field(default="add", metadata={"help": "add: keep the pseudo instances and add the detections "
+    rule: str = field(default="split", metadata={"help": "add: keep the pseudo instances and add the detections "
                                                        "that overlap none; split: add, after replacing a pseudo "
                                                        "instance that holds two or more detections by them; "
                                                        "replace: the detections instead",
@@ -257,8 +259,12 @@ def run_relabel(cfg: RelabelConfig) -> dict:
     plans = [plan_shard(cfg.data, n, cfg.unit_size) for n in names]  # tar headers only
     digest = model_digest(cfg.model)
     done = set(shards.shard_names(cfg.out))
-    check_earlier_units(cfg.data, cfg.out, cfg.unit_size, plans, done, PLAN_FILE, model_sha256=digest)
-    write_unit_plan(cfg.data, cfg.out, cfg.unit_size, plans, PLAN_FILE, model_sha256=digest)
+    # what a unit's masks depend on besides its input: a rerun with another model or rule (the default
+    # rule changed once, add -> split) must not add its units to these
+    made_by = {"model_sha256": digest, "rule": cfg.rule, "score": cfg.score, "max_iou": cfg.max_iou,
+               **({"split_inside": cfg.split_inside} if cfg.rule == "split" else {})}
+    check_earlier_units(cfg.data, cfg.out, cfg.unit_size, plans, done, PLAN_FILE, **made_by)
+    write_unit_plan(cfg.data, cfg.out, cfg.unit_size, plans, PLAN_FILE, **made_by)
     units = [u for p in plans for u in p.units]
     todo = [u for u in units if u.name not in done]
     use_gpu = has_gpus() if cfg.use_gpu is None else cfg.use_gpu
