@@ -75,11 +75,16 @@ def test_run_end_to_end_then_rerun_skips_everything(ray_local, tmp_path, capsys)
     old = {s.key: s.pseudo["instances"] for s in shards.read_dataset(str(run / "data" / "pseudo"))}
     new = {s.key: s.pseudo["instances"] for s in shards.read_dataset(str(run / "data" / "relabel"))}
     assert sorted(new) == sorted(old)
-    for key, instances in new.items():  # rule add: every old instance kept, first the model's additions
+    split_total = 0
+    for key, instances in new.items():  # rule split (default): every old instance kept unless split, in order
+        split = {i["split_of"] for i in instances if "split_of" in i}
+        assert all(sum(i.get("split_of") == j for i in instances) >= 2 for j in split)  # a split gives 2 or more
         kept = [i for i in instances if i["from"] == "pseudo"]
-        assert [i["mask"] for i in kept] == [i["mask"] for i in old[key]]
+        assert [i["mask"] for i in kept] == [i["mask"] for j, i in enumerate(old[key]) if j not in split]
+        split_total += len(split)
     relabel = json.loads((run / "stages" / "relabel.json").read_text())["result"]
-    assert relabel["kept_old"] == sum(map(len, old.values())) and relabel["samples"] == 12
+    assert relabel["rule"] == "split" and relabel["samples"] == 12
+    assert relabel["kept_old"] + relabel["split"] == sum(map(len, old.values())) and relabel["split"] == split_total
     report = (run / "reports" / "report.md").read_text()
     assert "weak, self-trained" in report and "self-trained / full" in report and "relabelled by the weak model" in report
     assert third["results"]["fidelity_relabel"]["images"] == 12
