@@ -126,10 +126,16 @@ def _oracle(samples: list[shards.Sample], proposals: list, considered_only: bool
             "miou": None, "pseudo_instances": n_props, "gt_instances": len(best)}
 
 
+# the three 1 -> 2 actor efficiencies: result key, the rate it compares, what its window is
+EFFICIENCIES = (("efficiency", "images_per_s", "first unit read to last committed"),
+                ("efficiency_from_actor_ready", "images_per_s_from_actor_ready", "first actor ready to last unit"),
+                ("efficiency_end_to_end", "images_per_s_end_to_end", "whole stage (run_pseudo's call)"))
+
+
 def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int, cfg_kw: dict,
                repeats: int = 1) -> dict:
     """The stage on ONE shard with 1 and 2 actors, `repeats` times in the order 1,2 / 2,1 / 1,2 ...:
-    the machine's speed drifts by about 10 % from minute to minute (BENCHMARKS.md), so each repeat's
+    the machine's speed drifts by up to a fifth between runs (BENCHMARKS.md), so each repeat's
     efficiency pairs two runs next to each other in time, and the spread over repeats is printed."""
     data = os.path.join(out, f"throughput-data-{len(samples)}")
     if not shards.list_shards(data):  # ONE shard: the stage's parallelism must come from its units
@@ -139,13 +145,12 @@ def throughput(run: str, samples: list[shards.Sample], out: str, unit_size: int,
     for rep in range(repeats):
         runs = {a: _stage_run(run, data, os.path.join(out, f"throughput-{a}"), a, unit_size, cfg_kw)
                 for a in ((1, 2) if rep % 2 == 0 else (2, 1))}
-        for key, rate in (("efficiency", "images_per_s"), ("efficiency_from_actor_ready", "images_per_s_from_actor_ready"),
-                          ("efficiency_end_to_end", "images_per_s_end_to_end")):
+        for key, rate, _ in EFFICIENCIES:
             runs[key] = runs[2][rate] / (2 * runs[1][rate])
         result["repeats"].append(runs)
     first = result["repeats"][0]
     result.update({1: first[1], 2: first[2]})  # the detailed rows: the first repeat's
-    for key in ("efficiency", "efficiency_from_actor_ready", "efficiency_end_to_end"):
+    for key, _, _ in EFFICIENCIES:
         values = [r[key] for r in result["repeats"]]
         result[key] = float(np.median(values))
         result[key + "_range"] = [min(values), max(values)]
@@ -346,10 +351,9 @@ def main() -> None:
                          "unit": "", "value": f"{r['efficiency']:.3f} / {r['efficiency_from_actor_ready']:.3f} / "
                                              f"{r['efficiency_end_to_end']:.3f}"})
         over = f" (median of {len(tp['repeats'])} repeats; range {{:.3f}}-{{:.3f}})" if len(tp["repeats"]) > 1 else ""
-        for key, what in (("efficiency", f"one shard of {len(samples)}, first unit read to last committed"),
-                          ("efficiency_from_actor_ready", "first actor ready to last unit"),
-                          ("efficiency_end_to_end", "whole stage (run_pseudo's call)")):
-            rows.append({"metric": f"1 -> 2 actor scaling efficiency, {what}" + over.format(*tp[key + "_range"]),
+        for key, _, what in EFFICIENCIES:
+            rows.append({"metric": f"1 -> 2 actor scaling efficiency, one shard of {len(samples)}, {what}"
+                                   + over.format(*tp[key + "_range"]),
                          "value": tp[key], "unit": ""})
         extra["throughput"] = tp
     if not args.skip_plain:

@@ -73,6 +73,11 @@ class RelabelConfig:
         "help": "custom Ray resources per actor, NAME=AMOUNT,... (default: a share of gpu_stage where nodes have it)"})
     unit_retries: int = field(default=2, metadata={"help": "times a unit is retried after its actor process died"})
 
+    def rule_settings(self) -> dict[str, Any]:
+        """The rule and the settings of it that every relabelled sample records (split_inside with split only)."""
+        return {"rule": self.rule, "score": self.score,
+                **({"split_inside": self.split_inside} if self.rule == "split" else {})}
+
     def validate(self) -> None:
         for name in ("data", "model", "out"):
             if not getattr(self, name):
@@ -171,8 +176,7 @@ def relabel_unit(model: Any, classes: list[str], device: Any, unit: Unit, cfg: R
                     old = (s.pseudo or {}).get("instances", [])
                     instances = relabel_instances(s.labels, old, found, cfg.rule, cfg.max_iou, cfg.split_inside)
                     s.pseudo = {**(s.pseudo or {}), "instances": instances,
-                                "relabel": {"model": cfg.model, "rule": cfg.rule, "score": cfg.score,
-                                            **({"split_inside": cfg.split_inside} if cfg.rule == "split" else {})}}
+                                "relabel": {"model": cfg.model, **cfg.rule_settings()}}
                     writer.write(s)
                     row["added"] += sum(i["from"] == "model" for i in instances)
                     row["kept_old"] += sum(i["from"] == "pseudo" for i in instances)
@@ -261,8 +265,7 @@ def run_relabel(cfg: RelabelConfig) -> dict:
     done = set(shards.shard_names(cfg.out))
     # what a unit's masks depend on besides its input: a rerun with another model or rule (the default
     # rule changed once, add -> split) must not add its units to these
-    made_by = {"model_sha256": digest, "rule": cfg.rule, "score": cfg.score, "max_iou": cfg.max_iou,
-               **({"split_inside": cfg.split_inside} if cfg.rule == "split" else {})}
+    made_by = {"model_sha256": digest, **cfg.rule_settings(), "max_iou": cfg.max_iou}
     check_earlier_units(cfg.data, cfg.out, cfg.unit_size, plans, done, PLAN_FILE, **made_by)
     write_unit_plan(cfg.data, cfg.out, cfg.unit_size, plans, PLAN_FILE, **made_by)
     units = [u for p in plans for u in p.units]
