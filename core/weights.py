@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 import urllib.error
 
+from typing import TYPE_CHECKING
+
 import torch
-from torchvision.models import WeightsEnum
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 DOWNLOAD_HINT = "--download-weights (download_weights: true in a run YAML)"
 

@@ -10,18 +10,21 @@ import io
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum
-from torchvision.ops import FrozenBatchNorm2d
 
 from maskless.core import storage
 from maskless.core.weights import torchvision_file
 from maskless.pseudo.peak_stimulation import BACKWARD_MODES, peak_stimulation
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
+
+# torchvision is imported where a ResNet or its weights are needed, not here: it costs about 2 s of CPU
+# per process (pseudo/preprocess.py), and a pseudo-stage actor with the `tiny` backbone needs none of it
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ _RESNET_MODULES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer
 
 
 def _resnet(name: str, norm: type[nn.Module]) -> tuple[nn.Sequential, int]:
+    import torchvision
+
     net = getattr(torchvision.models, name)(weights=None, norm_layer=norm)
     return nn.Sequential(*(getattr(net, m) for m in _RESNET_MODULES)), net.fc.in_features
 
@@ -62,18 +67,28 @@ def _resnet_key(key: str) -> str | None:
 @dataclass(frozen=True)
 class Backbone:
     """A classifier backbone: its feature network and channels for a norm layer, the torchvision ImageNet
-    weights it can start from, and how a torchvision state dict's keys map onto it."""
+    weights it can start from (named as in torchvision.models, e.g. "ResNet50_Weights.IMAGENET1K_V1"),
+    and how a torchvision state dict's keys map onto it."""
 
     build: Callable[[type[nn.Module]], tuple[nn.Sequential, int]]
-    imagenet: Optional[WeightsEnum]
+    imagenet_name: Optional[str]
     state_key: Callable[[str], Optional[str]]
+
+    @property
+    def imagenet(self) -> Optional[WeightsEnum]:
+        if self.imagenet_name is None:
+            return None
+        import torchvision
+
+        enum, member = self.imagenet_name.split(".")
+        return getattr(getattr(torchvision.models, enum), member)
 
 
 BACKBONES: dict[str, Backbone] = {
     # the ResNet-50 ImageNet weights are the ones PRM and WISE started from
-    "resnet50": Backbone(partial(_resnet, "resnet50"), torchvision.models.ResNet50_Weights.IMAGENET1K_V1, _resnet_key),
-    "resnet34": Backbone(partial(_resnet, "resnet34"), torchvision.models.ResNet34_Weights.IMAGENET1K_V1, _resnet_key),
-    "resnet18": Backbone(partial(_resnet, "resnet18"), torchvision.models.ResNet18_Weights.IMAGENET1K_V1, _resnet_key),
+    "resnet50": Backbone(partial(_resnet, "resnet50"), "ResNet50_Weights.IMAGENET1K_V1", _resnet_key),
+    "resnet34": Backbone(partial(_resnet, "resnet34"), "ResNet34_Weights.IMAGENET1K_V1", _resnet_key),
+    "resnet18": Backbone(partial(_resnet, "resnet18"), "ResNet18_Weights.IMAGENET1K_V1", _resnet_key),
     "tiny": Backbone(lambda norm: (_tiny_backbone(norm), 128), None, lambda key: key.removeprefix("backbone.")),
 }
 
@@ -84,7 +99,7 @@ def imagenet_file(backbone: str, download: bool = False) -> str:
     weights = BACKBONES[backbone].imagenet if backbone in BACKBONES else None
     if weights is None:
         raise ValueError(f"backbone {backbone!r} has no ImageNet weights; use backbone_weights='none' "
-                         f"or a file, or one of {sorted(n for n, b in BACKBONES.items() if b.imagenet)}")
+                         f"or a file, or one of {sorted(n for n, b in BACKBONES.items() if b.imagenet_name)}")
     return torchvision_file(weights, f"ImageNet weights for {backbone}", download,
                             "--backbone-weights PATH to a file you have, or --backbone-weights none to train "
                             "from scratch")
@@ -119,7 +134,11 @@ class PeakClassifier(nn.Module):
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
         if peak_backward not in BACKWARD_MODES:
             raise ValueError(f"peak_backward must be one of {BACKWARD_MODES}, got {peak_backward!r}")
-        self.backbone, channels = BACKBONES[backbone].build(FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
+        if frozen_bn:
+            from torchvision.ops import FrozenBatchNorm2d as norm
+        else:
+            norm = nn.BatchNorm2d
+        self.backbone, channels = BACKBONES[backbone].build(norm)
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1, bias=True)
         self.backbone_name, self.frozen_bn = backbone, frozen_bn
         self.peak_backward, self.upsample = peak_backward, upsample

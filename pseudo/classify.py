@@ -33,10 +33,10 @@ from maskless.core.resources import check_resources, has_gpus, train_scaling, us
 from maskless.pseudo.classifier import (BACKBONES, EXPORT_NAME, PeakClassifier, build_classifier, classifier_from_checkpoint,
                                checkpoint_dict, imagenet_file, save_classifier)
 from maskless.pseudo.peak_stimulation import BACKWARD_MODES
+from maskless.pseudo.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # settings a rerun into an existing run folder must share with it (the rest, e.g. epochs, may change)
 RUN_IDENTITY = ("data", "val_data", "val_fraction", "val_min_per_class", "backbone", "backbone_weights",
                 "peak_backward")
@@ -305,14 +305,6 @@ def train_transform(size: int, crop_scale: float):
     return transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(crop_scale, 1.0)),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def eval_transform(size: int):
-    return transforms.Compose([
-        transforms.Resize((size, size)),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from maskless.pseudo.classifier import PeakClassifier
-from maskless.pseudo.classify import eval_transform
+from maskless.pseudo.preprocess import eval_transform
 from maskless.pseudo.grouping import covered_area, merge_groups, peak_groups, unexplained_peaks
 from maskless.pseudo.peak_response import RULES as RESPONSE_RULES, Peak, peak_response_maps, select_peaks
 from maskless.pseudo.proposals import Proposals

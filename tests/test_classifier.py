@@ -100,6 +100,48 @@ def test_class_list_round_trips(tmp_path):
         load_classifier(str(tmp_path / "nowhere"))
 
 
+def test_eval_transform_is_torchvisions_resize_totensor_normalize():
+    """pseudo/preprocess.py writes out torchvision's three test-time transforms: the same tensor."""
+    from torchvision import transforms
+
+    from maskless.pseudo.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+
+    rng = np.random.default_rng(0)
+    for shape, size in (((50, 70, 3), 32), ((128, 128, 3), 128), ((31, 17, 3), 64)):
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        theirs = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
+        ours = eval_transform(size)(image)
+        assert ours.shape == (3, size, size) and torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_a_tiny_classifier_masks_without_importing_torchvision_or_scipy(tmp_path):
+    """A pseudo-stage actor process (the stage module, the classifier loaded from its file, one image
+    masked) imports neither torchvision nor scipy: about 2.6 s of CPU each actor would otherwise spend
+    starting (BENCHMARKS.md, the pseudo stage's start-up)."""
+    import subprocess
+    import sys
+
+    save_classifier(PeakClassifier(2, backbone="tiny").eval(), ["a", "b"], {"image_size": 64},
+                    str(tmp_path / "classifier.pt"))
+    script = f"""
+import sys
+import numpy as np
+from maskless.pseudo.stage import PseudoConfig
+from maskless.pseudo.classifier import load_classifier
+from maskless.pseudo.instances import PseudoMasker
+cfg = PseudoConfig(classifier={str(tmp_path)!r}, data="-", out="-", peak_threshold=0.0)
+model, classes, train_config = load_classifier(cfg.classifier)
+masker = PseudoMasker(model, classes, train_config, cfg.masker_options())
+image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+pr = masker.responses(image, ["a", "b"])
+masker.instances(pr, None)
+print(len(pr.peaks), sorted(m for m in ("torchvision", "scipy") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 0 and out[1:] == ["[]"]  # peaks were masked (grouping ran), and nothing of either
+
+
 def test_missing_weights_are_a_clear_error(tmp_path):
     """(ImageNet weights missing from the torch hub cache: tests/test_weights.py.)"""
     with pytest.raises(FileNotFoundError, match="does not exist"):
