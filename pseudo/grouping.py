@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from maskless.core import masks as rle
+from maskless.core.linked import linked_groups
 from maskless.pseudo.peak_response import Peak
 from maskless.pseudo.retrieval import Candidate, smooth
 
@@ -39,28 +40,20 @@ def peak_groups(candidates: list[Candidate], blur: float, overlap: float | None,
     """Indices of the candidates grouped per object, each group in score order (best first), groups in
     the order of their best member. overlap None: by mask IoU alone."""
     n = len(candidates)
-    # union-find by hand over a few peaks: scipy's DisjointSet costs 0.6 s of import in every actor process
-    root = list(range(n))
-
-    def find(i: int) -> int:
-        while root[i] != i:
-            root[i] = root[root[i]]
-            i = root[i]
-        return i
-
     smoothed = [smooth(c.response, blur) for c in candidates]
     encoded = [rle.encode(c.mask) for c in candidates]
     ious = rle.iou_matrix(encoded, encoded) if n else np.zeros((0, 0))
-    for i in range(n):
-        for j in range(i + 1, n):
-            if not class_agnostic and candidates[i].cls != candidates[j].cls:
-                continue
-            if ious[i, j] >= iou or (overlap is not None and response_overlap(smoothed[i], smoothed[j]) >= overlap):
-                root[find(j)] = find(i)
+
+    def one_object(i: int, j: int) -> bool:
+        if not class_agnostic and candidates[i].cls != candidates[j].cls:
+            return False
+        return ious[i, j] >= iou or (overlap is not None and response_overlap(smoothed[i], smoothed[j]) >= overlap)
+
+    group = linked_groups(n, one_object)
     by_score = sorted(range(n), key=lambda i: -candidates[i].score)
     groups: dict[int, list[int]] = {}
     for i in by_score:
-        groups.setdefault(find(i), []).append(i)
+        groups.setdefault(group[i], []).append(i)
     return list(groups.values())
 
 

@@ -612,3 +612,20 @@ def test_masker_instances_follow_the_class_choice(classes_from):
     masker.opts.rule = "prm"
     with pytest.raises(ValueError, match="pass them"):
         masker(image, ["b"], None)
+
+
+def test_linked_groups_joins_chains_and_asks_each_pair_once():
+    from maskless.core.linked import linked_groups
+
+    asked = []
+
+    def joined(i, j):
+        asked.append((i, j))
+        return (i, j) in {(0, 2), (2, 4), (1, 3)}
+
+    group = linked_groups(6, joined)
+    assert len(asked) == 15 and len(set(asked)) == 15 and all(i < j for i, j in asked)
+    same = {(i, j) for i in range(6) for j in range(6) if group[i] == group[j]}
+    assert {i for i in range(6) if group[i] == group[0]} == {0, 2, 4}  # 0-4 through 2
+    assert {i for i in range(6) if group[i] == group[1]} == {1, 3} and (5, 5) in same
+    assert len(set(group)) == 3 and linked_groups(0, joined) == []

@@ -19,6 +19,7 @@ import numpy as np
 from maskless.core import masks as ingest_masks
 from maskless.core import shards, storage
 from maskless.core import metrics
+from maskless.core.linked import linked_groups
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +123,11 @@ def shift(masks: list[np.ndarray], k: int, rng: np.random.Generator) -> list[np.
 def merge(masks: list[np.ndarray], labels: list[str], gap: int) -> tuple[list[np.ndarray], list[str]]:
     """Union of same-class instances that touch (closer than `gap` px: VOC separates touching objects by
     a void band), transitively; other instances are kept as they are, in their order."""
-    n = len(masks)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     grown = dilate(masks, gap)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if labels[i] == labels[j] and (grown[i] & masks[j]).any():
-                parent[root(j)] = root(i)
+    group = linked_groups(len(masks), lambda i, j: labels[i] == labels[j] and bool((grown[i] & masks[j]).any()))
     groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
+    for i, g in enumerate(group):
+        groups.setdefault(g, []).append(i)
     merged = [np.logical_or.reduce([masks[i] for i in g]) for g in groups.values()]
     return merged, [labels[g[0]] for g in groups.values()]
 
