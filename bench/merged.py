@@ -26,12 +26,17 @@ from bench import quality
 MIN_SPLIT_PIXELS = 80  # smaller masks are never split
 
 
-def colour_split(image: np.ndarray, mask: np.ndarray, window: int, fisher: float, min_part: float) -> list[np.ndarray]:
-    """The mask as one part, or as two when its local colours form two separated connected clusters."""
+def covers(mask: np.ndarray, obj: np.ndarray) -> bool:
+    """The mask holds over 30 % of the object's pixels."""
+    return bool((mask & obj).sum() > 0.3 * obj.sum())
+
+
+def colour_split(lab: np.ndarray, mask: np.ndarray, window: int, fisher: float, min_part: float) -> list[np.ndarray]:
+    """The mask as one part, or as two when its local colours (the image in Lab, float32) form two
+    separated connected clusters."""
     area = int(mask.sum())
     if area < MIN_SPLIT_PIXELS:
         return [mask]
-    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
     inside = mask.astype(np.float32)
     local = cv2.blur(lab * inside[..., None], (window, window)) / np.maximum(cv2.blur(inside, (window, window)), 1e-6)[..., None]
     features = local[mask]
@@ -76,20 +81,20 @@ def merged_cell(out: str, world: str, seed: int, splits: list[tuple[int, float]]
             if kind == "hit":
                 kinds[c, "hit"] += 1
                 continue
-            covering = [pm for pc, pm in masks if pc == c and (pm & m).sum() > 0.3 * m.sum()]
-            merged = any((pm & m2).sum() > 0.3 * m2.sum() for pm in covering
-                         for j, (c2, m2) in enumerate(truth) if j != k and c2 == c)
+            covering = [pm for pc, pm in masks if pc == c and covers(pm, m)]
+            merged = any(covers(pm, m2) for pm in covering for j, (c2, m2) in enumerate(truth) if j != k and c2 == c)
             kinds[c, "merged" if merged else "other"] += 1
         for pc, pm in masks:
-            if sum((pm & m2).sum() > 0.3 * m2.sum() for c2, m2 in truth if c2 == pc) >= 2:
+            if sum(covers(pm, m2) for c2, m2 in truth if c2 == pc) >= 2:
                 peaks_in_merged[sum(1 for p, pt in zip(pr.peaks, pr.points)
                                     if classes[p.cls] == pc and pm[tuple(pt)])] += 1
         size = pr.image.shape[:2]
         accs[None].add(gt, {"instances": instances}, size, key)
+        lab = cv2.cvtColor(pr.image, cv2.COLOR_RGB2LAB).astype(np.float32)  # once per image, for every split
         for s in splits:
             split = []
             for inst, (_, pm) in zip(instances, masks):
-                parts = colour_split(pr.image, pm, s[0], s[1], min_part)
+                parts = colour_split(lab, pm, s[0], s[1], min_part)
                 split_count[s] += len(parts) > 1
                 split += [inst] if len(parts) == 1 else [{**inst, "mask": rle.encode(p)} for p in parts]
             accs[s].add(gt, {"instances": split}, size, key)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import urllib.error
-
 from typing import TYPE_CHECKING
 
 import torch

@@ -22,7 +22,8 @@ def eval_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def transform(image: Image.Image) -> torch.Tensor:
-        resized = image.convert("RGB").resize((size, size), Image.BILINEAR)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy of what is RGB already
+        resized = rgb.resize((size, size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
         return (x - mean) / std
     return transform
